@@ -1,0 +1,188 @@
+"""Orchestrator configuration: strict schema, YAML loading, GPU policy.
+
+Every model refuses unknown keys and the error names the path of the bad key
+(``pools[0].engnie: unknown key``), so a typo can never silently fall back to a default.
+GPU-only is the default policy: a pool with ``num_gpus: 0`` must say ``allow_cpu: true``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orch.api.tasks import ID_PATTERN, Engine
+from orch.core.queue import QueuePolicy
+
+#: Engines a pool can host today.
+POOL_ENGINES = (Engine.llamacpp,)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says where and what to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QueueConfig(_Strict):
+    capacity: int = Field(default=32, ge=1, le=1_000_000)
+    policy: QueuePolicy = QueuePolicy.reject
+
+
+class PoolConfig(_Strict):
+    id: str = Field(pattern=ID_PATTERN)
+    engine: Engine
+    #: Model reference (see orch.core.model_ref for the accepted forms).
+    model: str = Field(min_length=1)
+    #: Other names clients may use in ``model_ref`` for this pool's model.
+    model_aliases: list[str] = Field(default_factory=list)
+    num_gpus: float = Field(default=1, ge=0)
+    num_cpus: float = Field(default=1, ge=0)
+    #: CPU inference is refused unless a pool opts in.
+    allow_cpu: bool = False
+    #: Tasks decoded at the same time.
+    slots: int = Field(default=1, ge=1, le=256)
+    #: Context per slot; defaults to the model's trained context, capped at 4096.
+    ctx: Optional[int] = Field(default=None, ge=64)
+    max_tokens_out: Optional[int] = Field(default=None, ge=1)
+    #: CPU threads per slot (llama.cpp); defaults to the pool's num_cpus, at least 1.
+    threads: Optional[int] = Field(default=None, ge=1, le=512)
+    queue: QueueConfig = QueueConfig()
+    #: Seconds a finished task's events stay available to late or resuming streams.
+    retain_finished_s: float = Field(default=300, gt=0)
+
+    @model_validator(mode="after")
+    def _gpu_policy(self) -> "PoolConfig":
+        if self.engine not in POOL_ENGINES:
+            served = ", ".join(e.value for e in POOL_ENGINES)
+            raise ValueError(f"engine '{self.engine.value}' cannot host a pool yet; supported: {served}")
+        if self.num_gpus == 0 and not self.allow_cpu:
+            raise ValueError(
+                f"pool '{self.id}' asks for no GPU, and CPU inference is off by default; "
+                "set num_gpus to the GPUs it needs, or allow_cpu: true to run it on CPU"
+            )
+        return self
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    #: Largest request body accepted, in bytes.
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    #: Seconds the ingress trusts its pool snapshot before refreshing it.
+    snapshot_ttl_s: float = Field(default=0.25, gt=0, le=60)
+
+
+class OrchConfig(_Strict):
+    version: int = 1
+    #: Ray namespace of the pool actors; two orchestrators on one cluster need two.
+    namespace: str = Field(default="orch", pattern=ID_PATTERN)
+    server: ServerConfig = ServerConfig()
+    pools: list[PoolConfig] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"config version {value} is not supported; this release reads version 1")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_pool_ids(self) -> "OrchConfig":
+        seen: set[str] = set()
+        for pool in self.pools:
+            if pool.id in seen:
+                raise ValueError(f"pool id '{pool.id}' appears twice; pool ids must be unique")
+            seen.add(pool.id)
+        return self
+
+    def pool(self, pool_id: str) -> PoolConfig:
+        for pool in self.pools:
+            if pool.id == pool_id:
+                return pool
+        raise KeyError(pool_id)
+
+
+def _path(loc: tuple[Union[str, int], ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = _path(tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: {loc}: unknown key")
+        elif item["type"] == "missing":
+            lines.append(f"{source}: {loc}: required key is missing")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> OrchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with a 'pools' list")
+    try:
+        return OrchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def find_config_file(path: Union[str, Path]) -> Path:
+    """Locate a config file: as given, then under $ORCH_HOME, then under the project root."""
+    candidate = Path(path)
+    if candidate.is_absolute():
+        if candidate.is_file():
+            return candidate
+        raise ConfigError(f"config file {candidate} does not exist")
+    bases = [Path.cwd()]
+    if os.environ.get("ORCH_HOME"):
+        bases.append(Path(os.environ["ORCH_HOME"]))
+    bases.append(project_root())
+    for base in bases:
+        if (base / candidate).is_file():
+            return (base / candidate).resolve()
+    raise ConfigError(f"config file {path} not found in " + ", ".join(str(b) for b in bases))
+
+
+def load_config(path: Union[str, Path]) -> OrchConfig:
+    file = find_config_file(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    return parse_config(data, str(file))
+
+
+def check_gpu_capacity(config: OrchConfig, cluster_gpus: float) -> None:
+    """GPU-only policy at start-up: fail fast when a pool wants GPUs the cluster lacks."""
+    for pool in config.pools:
+        if pool.num_gpus > cluster_gpus:
+            raise ConfigError(
+                f"pool '{pool.id}' asks for {pool.num_gpus:g} GPU(s) but the Ray cluster has "
+                f"{cluster_gpus:g}; start Ray where GPUs are visible, or set num_gpus: 0 with "
+                "allow_cpu: true to run this pool on CPU"
+            )
+    wanted = sum(pool.num_gpus for pool in config.pools)
+    if wanted > cluster_gpus:
+        raise ConfigError(
+            f"the pools ask for {wanted:g} GPUs in all but the Ray cluster has {cluster_gpus:g}; "
+            "remove pools or lower their num_gpus"
+        )

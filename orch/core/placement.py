@@ -1,0 +1,179 @@
+"""Placement: choose one pool for a task from a snapshot of the pools.
+
+Only Ready pools that are not draining and that serve the asked engine and model are
+candidates. A pin never falls back. Preferred pools win when one is eligible; avoided pools
+are never chosen. Among candidates the order is: most free VRAM, then fewest active slots,
+then pool id, so the same snapshot always gives the same answer. A session stays on the pool
+that served its last turn while that pool is a candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from orch.api.errors import ErrorCode
+from orch.api.tasks import PlacementMode, PlacementOverrides
+from orch.core.errors import OrchError
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """What placement needs to know about one pool (a row of the registry snapshot)."""
+
+    pool_id: str
+    engine: str
+    model_ref: str
+    ready: bool
+    draining: bool = False
+    model_aliases: tuple[str, ...] = ()
+    vram_free_bytes: int = 0
+    vram_total_bytes: int = 0
+    slots: int = 1
+    active_slots: int = 0
+    queue_depth: int = 0
+    device_mask: Optional[str] = None
+
+    def serves(self, engine: Optional[str], model_ref: Optional[str]) -> bool:
+        if engine is not None and engine != self.engine:
+            return False
+        if model_ref is not None and model_ref != self.model_ref and model_ref not in self.model_aliases:
+            return False
+        return True
+
+    @property
+    def accepting(self) -> bool:
+        return self.ready and not self.draining
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    pool_id: str
+    pinned: bool = False
+    fallback: bool = False
+    session_affinity: bool = False
+    candidates_considered: int = 0
+
+
+def rank_key(pool: PoolView) -> tuple[int, int, str]:
+    return (-pool.vram_free_bytes, pool.active_slots, pool.pool_id)
+
+
+def best(pools: Iterable[PoolView]) -> PoolView:
+    return min(pools, key=rank_key)
+
+
+def place(
+    pools: Sequence[PoolView],
+    *,
+    engine: Optional[str] = None,
+    model_ref: Optional[str] = None,
+    overrides: Optional[PlacementOverrides] = None,
+    session_pool_id: Optional[str] = None,
+) -> PlacementDecision:
+    overrides = overrides or PlacementOverrides()
+    wanted = _describe(engine, model_ref)
+    serving = [p for p in pools if p.serves(engine, model_ref)]
+
+    if overrides.mode == PlacementMode.pin:
+        return _place_pinned(pools, overrides, engine, model_ref)
+
+    if not serving:
+        known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
+        raise OrchError(
+            ErrorCode.POOL_UNAVAILABLE,
+            f"no pool serves {wanted}; configured pools: {known}",
+            engine=engine,
+        )
+    avoid = set(overrides.avoid_pools)
+    candidates = [
+        p
+        for p in serving
+        if p.accepting
+        and p.pool_id not in avoid
+        and (overrides.require_device_mask is None or p.device_mask == overrides.require_device_mask)
+    ]
+    if not candidates:
+        raise OrchError(
+            ErrorCode.POOL_UNREADY,
+            f"no Ready pool serves {wanted} within the placement constraints; retry shortly",
+            retriable=True,
+            retry_after_ms=1000,
+            engine=engine,
+        )
+    considered = len(candidates)
+
+    if session_pool_id is not None:
+        for pool in candidates:
+            if pool.pool_id == session_pool_id:
+                return PlacementDecision(pool.pool_id, session_affinity=True, candidates_considered=considered)
+
+    if overrides.prefer_pools:
+        preferred = [p for p in candidates if p.pool_id in set(overrides.prefer_pools)]
+        if preferred:
+            return PlacementDecision(best(preferred).pool_id, candidates_considered=considered)
+        if not overrides.allow_fallback:
+            raise OrchError(
+                ErrorCode.POOL_UNREADY,
+                "none of the preferred pools ("
+                + ", ".join(overrides.prefer_pools)
+                + ") is Ready and allow_fallback is false",
+                retriable=True,
+                retry_after_ms=1000,
+                engine=engine,
+            )
+        return PlacementDecision(best(candidates).pool_id, fallback=True, candidates_considered=considered)
+
+    return PlacementDecision(best(candidates).pool_id, candidates_considered=considered)
+
+
+def _place_pinned(
+    pools: Sequence[PoolView],
+    overrides: PlacementOverrides,
+    engine: Optional[str],
+    model_ref: Optional[str],
+) -> PlacementDecision:
+    pin = overrides.pin_pool_id
+    pool = next((p for p in pools if p.pool_id == pin), None)
+    if pool is None:
+        known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
+        raise OrchError(
+            ErrorCode.INVALID_PARAMS,
+            f"placement.pin_pool_id '{pin}' names no pool; known pools: {known}",
+        )
+    if pin in overrides.avoid_pools:
+        raise OrchError(ErrorCode.INVALID_PARAMS, f"pool '{pin}' is both pinned and avoided")
+    if not pool.serves(engine, model_ref):
+        raise OrchError(
+            ErrorCode.INVALID_PARAMS,
+            f"pinned pool '{pin}' serves engine {pool.engine} model {pool.model_ref}, "
+            f"not {_describe(engine, model_ref)}",
+            pool_id=pin,
+        )
+    if overrides.require_device_mask is not None and pool.device_mask != overrides.require_device_mask:
+        raise OrchError(
+            ErrorCode.INVALID_PARAMS,
+            f"pinned pool '{pin}' has device mask {pool.device_mask!r}, "
+            f"not the required {overrides.require_device_mask!r}",
+            pool_id=pin,
+        )
+    if not pool.accepting:
+        state = "draining" if pool.draining else "not Ready"
+        raise OrchError(
+            ErrorCode.POOL_UNREADY,
+            f"pinned pool '{pin}' is {state}; a pin never falls back to another pool",
+            retriable=True,
+            retry_after_ms=1000,
+            pool_id=pin,
+            engine=pool.engine,
+        )
+    return PlacementDecision(pool.pool_id, pinned=True, candidates_considered=1)
+
+
+def _describe(engine: Optional[str], model_ref: Optional[str]) -> str:
+    parts = []
+    if engine is not None:
+        parts.append(f"engine '{engine}'")
+    if model_ref is not None:
+        parts.append(f"model '{model_ref}'")
+    return " and ".join(parts) or "any model"
