@@ -1,0 +1,58 @@
+"""Engine interface: what a pool actor needs from an inference engine.
+
+Engines are synchronous and run in the pool actor's worker threads, one generation per
+slot at a time. Tokens leave through ``emit``; returning False from it stops generation
+(cancel, deadline), which is how cancellation reaches the engine without polling.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+from orch.api.events import FinishReason
+
+#: Called once per generated token with its text; False stops the generation.
+Emit = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int
+    seed: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+
+class EngineError(RuntimeError):
+    """The engine failed; the pool reports it with the engine's name."""
+
+
+class Engine(ABC):
+    name: str = "engine"
+
+    @property
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def ctx_max(self) -> int:
+        """Context (tokens) one slot can hold: prompt + output."""
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model; raise EngineError with a clear cause on failure."""
+
+    @abstractmethod
+    def count_tokens(self, prompt: str) -> int: ...
+
+    @abstractmethod
+    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        """Generate on ``slot``; returns why generation stopped (cancel is the caller's)."""
+
+    def close(self) -> None:  # pragma: no cover - engines without resources
+        pass

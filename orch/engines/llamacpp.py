@@ -1,0 +1,124 @@
+"""llama.cpp through llama-cpp-python, in process.
+
+One ``Llama`` context per slot: the GGUF is memory-mapped, so the weights are shared by the
+OS and each extra slot costs only its KV cache. Each generation starts from a clean context
+so the same prompt, parameters and seed give byte-identical text.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Optional
+
+from orch.api.events import FinishReason
+from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+
+#: llama.cpp seeds are 32-bit; wider request seeds are folded by modulo.
+SEED_MODULUS = 2**32
+DEFAULT_CTX_CAP = 4096
+
+
+class LlamaCppEngine(Engine):
+    name = "llamacpp"
+
+    def __init__(self, model_path: Path, *, slots: int = 1, ctx: Optional[int] = None, threads: int = 1) -> None:
+        self.model_path = Path(model_path)
+        self.slots = slots
+        self.requested_ctx = ctx
+        self.threads = threads
+        self._contexts: list = []
+        self._tokenizer_lock = threading.Lock()
+        self._version = ""
+        self.metadata: dict[str, str] = {}
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def ctx_max(self) -> int:
+        if not self._contexts:
+            raise EngineError("engine not loaded")
+        return self._contexts[0].n_ctx()
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def load(self) -> None:
+        try:
+            import llama_cpp
+        except ImportError as exc:  # pragma: no cover - dependency of the package
+            raise EngineError(f"llama-cpp-python is not installed: {exc}") from exc
+        self._version = llama_cpp.__version__
+        if not self.model_path.is_file():
+            raise EngineError(f"model file {self.model_path} does not exist")
+        ctx = self.requested_ctx
+        try:
+            for _ in range(self.slots):
+                llm = llama_cpp.Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=ctx or 0,
+                    n_threads=self.threads,
+                    n_threads_batch=self.threads,
+                    verbose=False,
+                )
+                if ctx is None:
+                    # n_ctx=0 means the model's trained context; cap it so slots stay small.
+                    trained = llm.n_ctx()
+                    ctx = min(trained, DEFAULT_CTX_CAP)
+                    if ctx != trained:
+                        llm.close()
+                        llm = llama_cpp.Llama(
+                            model_path=str(self.model_path),
+                            n_ctx=ctx,
+                            n_threads=self.threads,
+                            n_threads_batch=self.threads,
+                            verbose=False,
+                        )
+                self._contexts.append(llm)
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.close()
+            raise EngineError(f"llama.cpp could not load {self.model_path.name}: {exc}") from exc
+        self.metadata = dict(self._contexts[0].metadata)
+
+    def count_tokens(self, prompt: str) -> int:
+        with self._tokenizer_lock:
+            return len(self._contexts[0].tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+
+    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        llm = self._contexts[slot]
+        llm.reset()
+        finish = FinishReason.length
+        stream = llm.create_completion(
+            prompt,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed % SEED_MODULUS,
+            stop=list(params.stop) or None,
+            stream=True,
+        )
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                text = choice["text"]
+                if text and not emit(text):
+                    return FinishReason.cancelled
+                if choice.get("finish_reason") == "stop":
+                    finish = FinishReason.stop
+        except ValueError as exc:
+            raise EngineError(f"llama.cpp refused the prompt: {exc}") from exc
+        finally:
+            stream.close()
+        return finish
+
+    def close(self) -> None:
+        for llm in self._contexts:
+            try:
+                llm.close()
+            except Exception:  # pragma: no cover - best effort on shutdown
+                pass
+        self._contexts = []

@@ -1,0 +1,174 @@
+"""One task's event buffer inside a pool, and the race-free cancel protocol.
+
+Events are appended by the engine thread and read by stream consumers through ``poll``
+with a cursor (the index of the next event they want). A consumer's cursor also
+acknowledges that everything before it has been written to its client. Cancel cuts off
+every event not yet handed to a consumer, appends the terminal ``end`` and then waits
+until the consumers have acknowledged what they were handed, so that once cancel returns
+no further token can be sent. Plain Python + asyncio, no Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from orch.api.events import TERMINAL_EVENTS
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass
+class TaskRecord:
+    task_id: str
+    priority: str
+    prompt: str
+    params: Any
+    ctx: int
+    prompt_tokens: int
+    queue_position: int
+    predicted_start_ms: int
+    deadline_at: Optional[float] = None
+    session_id: Optional[str] = None
+    correlation_id: Optional[str] = None
+    state: str = "queued"  # queued -> running -> done
+    admitted_at: float = field(default_factory=time.monotonic)
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    tokens_out: int = 0
+    cancelled: bool = False
+    events: list[Event] = field(default_factory=list)
+    handed_out: int = 0
+    acked: int = 0
+    _loop: Optional[asyncio.AbstractEventLoop] = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _waiters: list[asyncio.Future] = field(default_factory=list)
+    _wake_scheduled: bool = False
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    @property
+    def terminal(self) -> bool:
+        return bool(self.events) and self.events[-1][0] in TERMINAL_EVENTS
+
+    # -- producing ---------------------------------------------------------------------
+    def push(self, kind: str, data: dict[str, Any]) -> bool:
+        """Append an event from any thread; False once the task is terminal."""
+        with self._lock:
+            if self.terminal:
+                return False
+            self.events.append((kind, data))
+            if kind == "token":
+                self.tokens_out += 1
+            if kind in TERMINAL_EVENTS:
+                self.state = "done"
+                self.finished_at = time.monotonic()
+            schedule = not self._wake_scheduled
+            self._wake_scheduled = True
+        if schedule:
+            self._schedule_wake()
+        return True
+
+    def push_token(self, text: str) -> bool:
+        """Token from the engine thread, numbered in stream order; False stops generation."""
+        with self._lock:
+            if self.cancelled or self.terminal:
+                return False
+            index = self.tokens_out
+        return self.push("token", {"t": text, "i": index})
+
+    def _schedule_wake(self) -> None:
+        loop = self._loop
+        if loop is None:
+            self._wake()
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            loop.call_soon(self._wake)
+        else:
+            loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_scheduled = False
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _changed(self, timeout: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    # -- consuming ---------------------------------------------------------------------
+    async def poll(self, cursor: int, wait_s: float) -> tuple[list[tuple[int, str, dict]], bool]:
+        """Events from ``cursor`` on, waiting up to ``wait_s`` for the first; acks ``cursor``."""
+        cursor = max(0, cursor)
+        if cursor > self.acked:
+            self.acked = min(cursor, self.handed_out)
+            self._wake_now()
+        deadline = time.monotonic() + wait_s
+        while len(self.events) <= cursor and not (self.terminal and cursor >= len(self.events)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._changed(remaining)
+        with self._lock:
+            batch = self.events[cursor:]
+            end = cursor + len(batch)
+            if end > self.handed_out:
+                self.handed_out = end
+            done = self.terminal and end >= len(self.events)
+        return [(cursor + k, kind, data) for k, (kind, data) in enumerate(batch)], done
+
+    def _wake_now(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- cancelling --------------------------------------------------------------------
+    def cut_and_end(self, end: dict[str, Any]) -> int:
+        """Drop events no consumer has been handed, then append the terminal ``end``.
+
+        Returns how many events consumers may still be writing (the cut point): cancel waits
+        for them to be acknowledged. A task already terminal and fully handed out is left as
+        it is.
+        """
+        with self._lock:
+            self.cancelled = True
+            cut = self.handed_out
+            if self.terminal and cut >= len(self.events):
+                return cut
+            del self.events[cut:]
+            self.tokens_out = sum(1 for kind, _ in self.events if kind == "token")
+            end = dict(end, tokens_out=self.tokens_out)
+        self.push("end", end)
+        return cut
+
+    async def wait_acknowledged(self, upto: int, timeout_s: float) -> bool:
+        """Wait until consumers acknowledged the first ``upto`` events."""
+        deadline = time.monotonic() + timeout_s
+        while self.acked < upto:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await self._changed(remaining)
+        return True
+
+    def tokens_before(self, upto: int) -> int:
+        return sum(1 for kind, _ in self.events[:upto] if kind == "token")

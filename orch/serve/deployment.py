@@ -1,0 +1,55 @@
+"""Ray Serve deployment of the ingress, and the application builder used by Serve configs.
+
+``serve run deployments/home.yaml`` imports ``orch.serve.deployment:build`` with
+``args: {config: configs/home.yaml}``. The builder loads and checks the config first, so a
+bad config or a GPU pool on a cluster without GPUs fails ``serve run`` at once, with the
+reason, before any replica starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from orch.config import ConfigError, OrchConfig, check_gpu_capacity, load_config, parse_config
+from orch.pools.actor import ensure_pools
+from orch.serve.app import IngressState, build_app
+from orch.serve.registry import PoolRegistry
+
+log = logging.getLogger("orch.ingress")
+
+
+@serve.deployment(
+    name="orch-ingress",
+    max_ongoing_requests=10_000,
+    ray_actor_options={"num_cpus": 0.5},
+)
+@serve.ingress()
+class OrchIngress:
+    async def __init__(self, config: dict[str, Any]) -> None:
+        self.config = parse_config(config, "ingress config")
+        handles = await asyncio.to_thread(ensure_pools, self.config)
+        self.state = IngressState(self.config, PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s))
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self.state)
+
+
+def build_application(config: OrchConfig) -> Application:
+    if ray.is_initialized():
+        check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
+    return OrchIngress.bind(config.model_dump(mode="json"))
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Serve application builder: ``args.config`` is the orchestrator config file."""
+    unknown = set(args) - {"config"}
+    if unknown:
+        raise ConfigError(f"unknown application args: {', '.join(sorted(unknown))}; expected 'config'")
+    config = load_config(args.get("config", "configs/home.yaml"))
+    return build_application(config)

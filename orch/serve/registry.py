@@ -1,0 +1,136 @@
+"""The ingress's view of the pools: a cached snapshot and a task locator.
+
+Placement reads the snapshot, which is refreshed at most every ``ttl_s`` seconds (one call
+per pool per refresh, shared by every request in between), so a decision is made on data
+at most ``ttl_s`` old plus one refresh. Where a task lives is asked of the pools themselves
+when this replica did not admit it, so any ingress replica can stream or cancel any task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Optional
+
+import ray
+
+from orch.config import OrchConfig
+from orch.core.placement import PoolView
+from orch.pools.actor import pool_handle
+
+log = logging.getLogger("orch.ingress")
+
+#: Task -> pool entries remembered by one replica.
+LOCATOR_CAPACITY = 100_000
+
+
+class PoolRegistry:
+    def __init__(self, config: OrchConfig, handles: dict[str, Any], ttl_s: float) -> None:
+        self.config = config
+        self.handles = dict(handles)
+        self.ttl_s = ttl_s
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._taken_at = 0.0
+        self._refreshing: Optional[asyncio.Task] = None
+        self._locations: OrderedDict[str, str] = OrderedDict()
+
+    # -- snapshot ------------------------------------------------------------------------
+    async def rows(self) -> dict[str, dict[str, Any]]:
+        if time.monotonic() - self._taken_at > self.ttl_s:
+            await self.refresh()
+        return self._rows
+
+    async def refresh(self) -> None:
+        """Single-flight: concurrent callers share one round of snapshot calls."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        pool_ids = [pool.id for pool in self.config.pools]
+        results = await asyncio.gather(*(self._snapshot_of(pid) for pid in pool_ids), return_exceptions=True)
+        rows = {}
+        for pool_id, result in zip(pool_ids, results):
+            if isinstance(result, BaseException):
+                rows[pool_id] = self._unreachable_row(pool_id, result)
+            else:
+                rows[pool_id] = result
+        self._rows = rows
+        self._taken_at = time.monotonic()
+
+    async def _snapshot_of(self, pool_id: str) -> dict[str, Any]:
+        handle = self.handles.get(pool_id)
+        if handle is None:
+            handle = pool_handle(pool_id, self.config.namespace)
+            self.handles[pool_id] = handle
+        try:
+            return await handle.snapshot.remote()
+        except ray.exceptions.RayActorError:
+            self.handles.pop(pool_id, None)  # look it up again next time: it may have been restarted
+            raise
+
+    def _unreachable_row(self, pool_id: str, exc: BaseException) -> dict[str, Any]:
+        pool = self.config.pool(pool_id)
+        return {
+            "pool_id": pool_id,
+            "engine": pool.engine.value,
+            "engine_version": "",
+            "model_ref": pool.model,
+            "model_aliases": tuple(pool.model_aliases),
+            "ready": False,
+            "draining": False,
+            "slots": pool.slots,
+            "active_slots": 0,
+            "queue_depth": 0,
+            "last_error": f"pool actor unreachable: {type(exc).__name__}",
+        }
+
+    async def views(self) -> list[PoolView]:
+        rows = await self.rows()
+        return [
+            PoolView(
+                pool_id=row["pool_id"],
+                engine=row["engine"],
+                model_ref=row["model_ref"],
+                model_aliases=tuple(row.get("model_aliases", ())),
+                ready=row["ready"],
+                draining=row.get("draining", False),
+                vram_free_bytes=row.get("vram_free_bytes", 0),
+                vram_total_bytes=row.get("vram_total_bytes", 0),
+                slots=row.get("slots", 1),
+                active_slots=row.get("active_slots", 0),
+                queue_depth=row.get("queue_depth", 0),
+                device_mask=row.get("device_mask"),
+            )
+            for row in rows.values()
+        ]
+
+    def handle(self, pool_id: str):
+        handle = self.handles.get(pool_id)
+        if handle is None:
+            handle = pool_handle(pool_id, self.config.namespace)
+            self.handles[pool_id] = handle
+        return handle
+
+    # -- task locator --------------------------------------------------------------------
+    def remember(self, task_id: str, pool_id: str) -> None:
+        self._locations[task_id] = pool_id
+        self._locations.move_to_end(task_id)
+        while len(self._locations) > LOCATOR_CAPACITY:
+            self._locations.popitem(last=False)
+
+    async def locate(self, task_id: str) -> Optional[str]:
+        pool_id = self._locations.get(task_id)
+        if pool_id is not None:
+            return pool_id
+        pool_ids = [pool.id for pool in self.config.pools]
+        answers = await asyncio.gather(
+            *(self.handle(pid).has_task.remote(task_id) for pid in pool_ids), return_exceptions=True
+        )
+        for pid, answer in zip(pool_ids, answers):
+            if answer is True:
+                self.remember(task_id, pid)
+                return pid
+        return None
