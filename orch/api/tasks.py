@@ -82,6 +82,10 @@ class PlacementOverrides(BaseModel):
     def _pin_needs_pool(self) -> "PlacementOverrides":
         if self.mode == PlacementMode.pin and not self.pin_pool_id:
             raise ValueError("placement.mode 'pin' needs placement.pin_pool_id")
+        if self.pin_pool_id and self.mode == PlacementMode.prefer:
+            raise ValueError(
+                "placement.pin_pool_id cannot be combined with mode 'prefer'; use mode 'pin' or leave mode out"
+            )
         if self.pin_pool_id and self.mode == PlacementMode.auto:
             self.mode = PlacementMode.pin
         if self.mode == PlacementMode.prefer and not self.prefer_pools:

@@ -103,7 +103,10 @@ def place(
         )
     considered = len(candidates)
 
-    if session_pool_id is not None:
+    # Affinity never overrides a hard constraint: with allow_fallback false, only preferred pools.
+    if session_pool_id is not None and (
+        overrides.allow_fallback or not overrides.prefer_pools or session_pool_id in overrides.prefer_pools
+    ):
         for pool in candidates:
             if pool.pool_id == session_pool_id:
                 return PlacementDecision(pool.pool_id, session_affinity=True, candidates_considered=considered)

@@ -254,11 +254,11 @@ class PoolManager:
         if record is None:
             return {"found": False}
         was_queued = self.queue.cancel(task_id) is not None
-        already_over = record.terminal and record.handed_out >= len(record.events)
         cut = record.cut_and_end({"decode_time_ms": self._decode_ms(record), "finish_reason": FinishReason.cancelled.value})
+        if cut is None:  # already over and fully streamed: nothing to stop
+            return {"found": True, "was_queued": False, "tokens_sent": record.tokens_out, "acknowledged": True}
+        self.counters["cancelled"] += 1
         acknowledged = await record.wait_acknowledged(cut, CANCEL_ACK_TIMEOUT_S)
-        if not already_over:
-            self.counters["cancelled"] += 1
         return {
             "found": True,
             "was_queued": was_queued,

@@ -142,18 +142,18 @@ class TaskRecord:
                 waiter.set_result(None)
 
     # -- cancelling --------------------------------------------------------------------
-    def cut_and_end(self, end: dict[str, Any]) -> int:
+    def cut_and_end(self, end: dict[str, Any]) -> Optional[int]:
         """Drop events no consumer has been handed, then append the terminal ``end``.
 
-        Returns how many events consumers may still be writing (the cut point): cancel waits
-        for them to be acknowledged. A task already terminal and fully handed out is left as
-        it is.
+        Returns the cut point, the number of events consumers may still be writing, which
+        cancel waits to see acknowledged; None when the task had already ended and every
+        event was handed out, so cancel changes nothing.
         """
         with self._lock:
             self.cancelled = True
             cut = self.handed_out
             if self.terminal and cut >= len(self.events):
-                return cut
+                return None
             del self.events[cut:]
             self.tokens_out = sum(1 for kind, _ in self.events if kind == "token")
             end = dict(end, tokens_out=self.tokens_out)

@@ -40,10 +40,10 @@ class OrchIngress:
         return build_app(self.state)
 
 
-def build_application(config: OrchConfig) -> Application:
+def build_application(config: OrchConfig, num_replicas: int = 1) -> Application:
     if ray.is_initialized():
         check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
-    return OrchIngress.bind(config.model_dump(mode="json"))
+    return OrchIngress.options(num_replicas=num_replicas).bind(config.model_dump(mode="json"))
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -185,6 +185,16 @@ def test_pin_pool_id_alone_implies_pin():
     assert r.placement.pin_pool_id == "gpu0"
 
 
+def test_pin_pool_id_with_prefer_mode_refused():
+    # regression: the pin used to be silently ignored, letting the task land on another pool
+    with pytest.raises(ValidationError) as info:
+        PlacementOverrides(mode="prefer", prefer_pools=["a"], pin_pool_id="b")
+    assert "pin_pool_id" in str(info.value)
+    refused(prompt="hi", max_tokens=8, placement={"mode": "prefer", "prefer_pools": ["a"], "pin_pool_id": "b"})
+    # explicit pin mode with the id is fine
+    assert PlacementOverrides(mode="pin", pin_pool_id="b").pin_pool_id == "b"
+
+
 def test_prefer_mode_needs_pools():
     with pytest.raises(ValidationError):
         PlacementOverrides(mode="prefer")

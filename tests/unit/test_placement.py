@@ -214,6 +214,22 @@ def test_session_affinity_dropped_when_not_candidate(b_state):
     assert decision.session_affinity is False
 
 
+def test_session_affinity_yields_to_prefer_without_fallback():
+    # regression: affinity used to route to a non-preferred pool despite allow_fallback=False
+    pools = [pool("a", vram_free_bytes=9 * GiB), pool("b", vram_free_bytes=1)]
+    strict = ov(prefer_pools=["b"], allow_fallback=False)
+    decision = place(pools, overrides=strict, session_pool_id="a")
+    assert decision.pool_id == "b"
+    assert decision.session_affinity is False
+    # preferred pool not Ready: refused rather than kept on the session's pool
+    pools[1] = pool("b", ready=False)
+    refused(ErrorCode.POOL_UNREADY, pools, overrides=strict, session_pool_id="a")
+    # a session pool that is itself preferred keeps its affinity
+    pools = [pool("a", vram_free_bytes=9 * GiB), pool("b"), pool("c", vram_free_bytes=1)]
+    decision = place(pools, overrides=ov(prefer_pools=["b", "c"], allow_fallback=False), session_pool_id="c")
+    assert decision.pool_id == "c" and decision.session_affinity is True
+
+
 def test_session_affinity_unknown_pool_uses_normal_order():
     pools = [pool("a", vram_free_bytes=1), pool("b", vram_free_bytes=2)]
     decision = place(pools, session_pool_id="gone")
@@ -245,6 +261,16 @@ def test_order_then_pool_id():
     assert place(list(reversed(pools))).pool_id == "alpha"
 
 
+def test_rank_key_is_the_documented_order():
+    assert rank_key(pool("a", vram_free_bytes=5, active_slots=2)) == (-5, 2, "a")
+    ranked = sorted(
+        [pool("b", vram_free_bytes=5, active_slots=1), pool("a", vram_free_bytes=5, active_slots=1),
+         pool("c", vram_free_bytes=9, active_slots=3), pool("d", vram_free_bytes=5, active_slots=0)],
+        key=rank_key,
+    )
+    assert [p.pool_id for p in ranked] == ["c", "d", "a", "b"]
+
+
 def test_candidates_considered_counts_eligible_pools():
     pools = [pool("a"), pool("b"), pool("c", ready=False), pool("d", engine="vllm")]
     assert place(pools, engine="llamacpp").candidates_considered == 2
@@ -266,12 +292,13 @@ def snapshots(draw):
                 engine=draw(st.sampled_from(["llamacpp", "vllm"])),
                 model_ref=draw(st.sampled_from(["m1", "m2"])),
                 model_aliases=tuple(draw(st.lists(st.sampled_from(["x", "y"]), unique=True, max_size=2))),
-                ready=draw(st.booleans()),
-                draining=draw(st.booleans()),
+                # mostly accepting pools, so there are usually several candidates
+                ready=draw(st.sampled_from([True, True, True, False])),
+                draining=draw(st.sampled_from([False, False, False, True])),
                 # few distinct values, so ties are common and the tie-breakers matter
                 vram_free_bytes=draw(st.sampled_from([0, GiB, 2 * GiB])),
                 active_slots=draw(st.integers(0, 2)),
-                device_mask=draw(st.sampled_from([None, "0", "1"])),
+                device_mask=draw(st.sampled_from([None, None, "0", "1"])),
             )
         )
     return pools
@@ -285,7 +312,7 @@ def maybe_ids():
 def overrides(draw, allow_pin=True):
     kind = draw(st.sampled_from(["auto", "prefer", "pin"] if allow_pin else ["auto", "prefer"]))
     avoid = draw(maybe_ids())
-    mask = draw(st.sampled_from([None, "0", "1"]))
+    mask = draw(st.sampled_from([None, None, None, "0", "1"]))
     if kind == "pin":
         return ov(pin_pool_id=draw(st.sampled_from(POOL_IDS + ["ghost"])), avoid_pools=avoid, require_device_mask=mask)
     if kind == "prefer":
@@ -299,9 +326,14 @@ def overrides(draw, allow_pin=True):
     return ov(avoid_pools=avoid, require_device_mask=mask)
 
 
-ENGINES = st.sampled_from([None, "llamacpp", "vllm"])
-MODELS = st.sampled_from([None, "m1", "m2", "x", "y"])
+ENGINES = st.sampled_from([None, None, "llamacpp", "vllm"])
+MODELS = st.sampled_from([None, None, "m1", "m2", "x", "y"])
 SESSIONS = st.sampled_from([None, "ghost"] + POOL_IDS)
+
+
+def expected_key(p: PoolView) -> tuple[int, int, str]:
+    """The documented order, written out here rather than taken from the module."""
+    return (-p.vram_free_bytes, p.active_slots, p.pool_id)
 
 
 def outcome(pools, **kw):
@@ -336,7 +368,9 @@ def candidates_of(pools, engine, model_ref, o: PlacementOverrides):
 def test_determinism_under_any_snapshot_order(pools, engine, model_ref, o, session, data):
     shuffled = data.draw(st.permutations(pools))
     kw = dict(engine=engine, model_ref=model_ref, overrides=o, session_pool_id=session)
-    assert outcome(shuffled, **kw) == outcome(pools, **kw)
+    expected = outcome(pools, **kw)
+    assert outcome(shuffled, **kw) == expected
+    assert outcome(list(reversed(pools)), **kw) == expected
     assert outcome(pools, **kw) == outcome(pools, **kw)
 
 
@@ -361,14 +395,18 @@ def test_chosen_pool_is_a_minimal_candidate(pools, engine, model_ref, o, session
     chosen = by_id[decision.pool_id]
     if decision.session_affinity:
         assert decision.pool_id == session
+        # affinity never breaks allow_fallback=False
+        assert o.allow_fallback or not o.prefer_pools or session in o.prefer_pools
         return
-    assert session not in by_id
+    assert session not in by_id or (o.prefer_pools and not o.allow_fallback and session not in o.prefer_pools)
     preferred = [p for p in cands if p.pool_id in o.prefer_pools]
     pool_set = preferred if preferred else cands
     if o.prefer_pools and not preferred:
         assert o.allow_fallback and decision.fallback
-    assert rank_key(chosen) == min(rank_key(p) for p in pool_set)
-    assert all(rank_key(chosen) <= rank_key(p) for p in pool_set)
+    if o.prefer_pools and not o.allow_fallback:
+        assert decision.pool_id in o.prefer_pools
+    assert chosen == min(pool_set, key=expected_key)
+    assert all(expected_key(chosen) <= expected_key(p) for p in pool_set)
 
 
 @settings(max_examples=200, deadline=None)

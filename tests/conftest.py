@@ -1,0 +1,117 @@
+"""Shared fixtures: one local Ray instance and one Serve HTTP proxy per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": HOST, "port": port})
+    return port
+
+
+def home_config(**pool_overrides: Any) -> dict[str, Any]:
+    """configs/home.yaml as a dict, with the default pool's fields overridden."""
+    import yaml
+
+    from orch.config import project_root
+
+    data = yaml.safe_load((project_root() / "configs" / "home.yaml").read_text())
+    pool = data["pools"][0]
+    for key, value in pool_overrides.items():
+        pool[key] = value
+    return data
+
+
+def wait_ready(client: httpx.Client, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = client.get("/readyz")
+        if last.status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"orchestrator not ready after {timeout_s}s: {last.text if last else 'no answer'}")
+
+
+@pytest.fixture(scope="session")
+def deploy(serve_port) -> Callable[..., httpx.Client]:
+    """Deploy the orchestrator app for a config dict under ``route_prefix``; returns a client."""
+    from ray import serve
+
+    from orch.config import parse_config
+    from orch.serve.deployment import build_application
+
+    clients: list[httpx.Client] = []
+
+    def _deploy(config: dict[str, Any], name: str, route_prefix: str = "/", num_replicas: int = 1) -> httpx.Client:
+        app = build_application(parse_config(config, name), num_replicas=num_replicas)
+        serve.run(app, name=name, route_prefix=route_prefix)
+        base = f"http://{HOST}:{serve_port}{route_prefix.rstrip('/')}"
+        client = httpx.Client(base_url=base, timeout=httpx.Timeout(60.0))
+        clients.append(client)
+        wait_ready(client)
+        return client
+
+    yield _deploy
+    for client in clients:
+        client.close()
+
+
+def read_sse(response: httpx.Response, on_event: Callable[[str, dict], None] | None = None) -> list[tuple[int, str, dict]]:
+    """Parse an SSE stream into (id, event, data) until it ends."""
+    import json
+
+    events: list[tuple[int, str, dict]] = []
+    current: dict[str, str] = {}
+    for line in response.iter_lines():
+        if line == "":
+            if "event" in current:
+                item = (int(current.get("id", -1)), current["event"], json.loads(current.get("data", "{}")))
+                events.append(item)
+                if on_event is not None:
+                    on_event(item[1], item[2])
+            current = {}
+            continue
+        if line.startswith(":"):
+            continue
+        key, _, value = line.partition(": ")
+        current[key] = value
+    return events
