@@ -18,7 +18,7 @@ from orch.api.tasks import ID_PATTERN, Engine
 from orch.core.queue import QueuePolicy
 
 #: Engines a pool can host today.
-POOL_ENGINES = (Engine.llamacpp,)
+POOL_ENGINES = (Engine.llamacpp, Engine.mock)
 
 
 class ConfigError(ValueError):
@@ -53,6 +53,9 @@ class PoolConfig(_Strict):
     #: CPU threads per slot (llama.cpp); defaults to the pool's num_cpus, at least 1.
     threads: Optional[int] = Field(default=None, ge=1, le=512)
     queue: QueueConfig = QueueConfig()
+    #: Engine-specific settings (llama.cpp: n_batch, flash_attn...; mock: tokens_per_s,
+    #: first_token_ms, fail_load); an engine refuses options it does not know.
+    engine_options: dict[str, Any] = Field(default_factory=dict)
     #: Seconds a finished task's events stay available to late or resuming streams.
     retain_finished_s: float = Field(default=300, gt=0)
 

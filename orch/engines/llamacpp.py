@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
@@ -22,8 +22,11 @@ DEFAULT_CTX_CAP = 4096
 class LlamaCppEngine(Engine):
     name = "llamacpp"
 
-    def __init__(self, model_path: Path, *, slots: int = 1, ctx: Optional[int] = None, threads: int = 1) -> None:
+    def __init__(
+        self, model_path: Path, *, slots: int = 1, ctx: Optional[int] = None, threads: int = 1, **llama_options: Any
+    ) -> None:
         self.model_path = Path(model_path)
+        self.llama_options = llama_options
         self.slots = slots
         self.requested_ctx = ctx
         self.threads = threads
@@ -63,6 +66,7 @@ class LlamaCppEngine(Engine):
                     n_threads=self.threads,
                     n_threads_batch=self.threads,
                     verbose=False,
+                    **self.llama_options,
                 )
                 if ctx is None:
                     # n_ctx=0 means the model's trained context; cap it so slots stay small.
@@ -76,8 +80,12 @@ class LlamaCppEngine(Engine):
                             n_threads=self.threads,
                             n_threads_batch=self.threads,
                             verbose=False,
+                            **self.llama_options,
                         )
                 self._contexts.append(llm)
+        except TypeError as exc:
+            self.close()
+            raise EngineError(f"unknown llama.cpp engine option: {exc}") from exc
         except (ValueError, RuntimeError, OSError) as exc:
             self.close()
             raise EngineError(f"llama.cpp could not load {self.model_path.name}: {exc}") from exc

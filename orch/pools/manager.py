@@ -20,8 +20,8 @@ from orch.api.tasks import Priority, TaskRequest
 from orch.config import PoolConfig
 from orch.core.admission import ModelLimits, check_context, check_request
 from orch.core.errors import OrchError
-from orch.core.model_ref import resolve_local
 from orch.core.queue import QueueFullError, QueuePolicy, TaskQueue
+from orch.engines import build_engine
 from orch.engines.base import Engine, EngineError, GenerationParams
 from orch.pools.task_record import TaskRecord
 
@@ -31,15 +31,6 @@ log = logging.getLogger("orch.pool")
 CANCEL_ACK_TIMEOUT_S = 2.0
 #: Finished tasks kept at most, whatever their age.
 MAX_FINISHED_RECORDS = 10_000
-
-
-def build_engine(config: PoolConfig) -> Engine:
-    from orch.config import project_root
-    from orch.engines.llamacpp import LlamaCppEngine
-
-    path = resolve_local(config.model, base_dir=project_root())
-    threads = config.threads or max(1, int(config.num_cpus))
-    return LlamaCppEngine(path, slots=config.slots, ctx=config.ctx, threads=threads)
 
 
 class PoolManager:

