@@ -79,6 +79,10 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     #: Seconds the ingress trusts its pool snapshot before refreshing it.
     snapshot_ttl_s: float = Field(default=0.25, gt=0, le=60)
+    #: Ingress replicas; any replica can stream or cancel any task.
+    num_replicas: int = Field(default=1, ge=1, le=64)
+    #: CPUs Ray reserves for each ingress replica (it relays; it does not compute).
+    replica_num_cpus: float = Field(default=0.25, ge=0, le=16)
 
 
 class OrchConfig(_Strict):

@@ -71,28 +71,42 @@ def wait_ready(client: httpx.Client, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"orchestrator not ready after {timeout_s}s: {last.text if last else 'no answer'}")
 
 
-@pytest.fixture(scope="session")
-def deploy(serve_port) -> Callable[..., httpx.Client]:
-    """Deploy the orchestrator app for a config dict under ``route_prefix``; returns a client."""
+@pytest.fixture(scope="module")
+def deploy(serve_port) -> Iterator[Callable[..., httpx.Client]]:
+    """Deploy the orchestrator app for a config dict under ``route_prefix``; returns a client.
+
+    Each app gets its own Ray namespace (unless the config names one), so apps in one
+    test session never share or replace each other's pool actors. At the end of the
+    module the apps are deleted and their detached pool actors removed, which keeps the
+    small CI machine's CPUs free for the next module.
+    """
     from ray import serve
 
     from orch.config import parse_config
+    from orch.pools.actor import shutdown_pools
     from orch.serve.deployment import build_application
 
-    clients: list[httpx.Client] = []
+    deployed: list[tuple[str, Any, httpx.Client]] = []
 
     def _deploy(config: dict[str, Any], name: str, route_prefix: str = "/", num_replicas: int = 1) -> httpx.Client:
-        app = build_application(parse_config(config, name), num_replicas=num_replicas)
+        config = dict(config)
+        config.setdefault("namespace", name)
+        config.setdefault("server", {})
+        config["server"] = {"replica_num_cpus": 0.1, **config["server"]}
+        parsed = parse_config(config, name)
+        app = build_application(parsed, num_replicas=num_replicas)
         serve.run(app, name=name, route_prefix=route_prefix)
         base = f"http://{HOST}:{serve_port}{route_prefix.rstrip('/')}"
         client = httpx.Client(base_url=base, timeout=httpx.Timeout(60.0))
-        clients.append(client)
+        deployed.append((name, parsed, client))
         wait_ready(client)
         return client
 
     yield _deploy
-    for client in clients:
+    for name, parsed, client in deployed:
         client.close()
+        serve.delete(name)
+        shutdown_pools(parsed)
 
 
 def read_sse(response: httpx.Response, on_event: Callable[[str, dict], None] | None = None) -> list[tuple[int, str, dict]]:

@@ -111,5 +111,24 @@ def _wait_gone(name: str, namespace: str, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def shutdown_pools(config: OrchConfig) -> list[str]:
+    """Stop and remove every configured pool actor (they are detached, so deleting the
+    Serve application alone leaves them holding their GPUs). Returns the pools removed."""
+    removed = []
+    for pool in config.pools:
+        try:
+            handle = ray.get_actor(actor_name(pool.id), namespace=config.namespace)
+        except ValueError:
+            continue
+        try:
+            ray.get(handle.shutdown.remote(), timeout=10)
+        except Exception as exc:  # a wedged pool is killed regardless
+            log.warning("pool %s: clean shutdown failed (%s); killing it", pool.id, exc)
+        ray.kill(handle, no_restart=True)
+        _wait_gone(actor_name(pool.id), config.namespace)
+        removed.append(pool.id)
+    return removed
+
+
 def pool_handle(pool_id: str, namespace: str):
     return ray.get_actor(actor_name(pool_id), namespace=namespace)

@@ -27,7 +27,6 @@ log = logging.getLogger("orch.ingress")
 @serve.deployment(
     name="orch-ingress",
     max_ongoing_requests=10_000,
-    ray_actor_options={"num_cpus": 0.5},
 )
 @serve.ingress()
 class OrchIngress:
@@ -40,10 +39,13 @@ class OrchIngress:
         return build_app(self.state)
 
 
-def build_application(config: OrchConfig, num_replicas: int = 1) -> Application:
+def build_application(config: OrchConfig, num_replicas: int | None = None) -> Application:
     if ray.is_initialized():
         check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
-    return OrchIngress.options(num_replicas=num_replicas).bind(config.model_dump(mode="json"))
+    return OrchIngress.options(
+        num_replicas=num_replicas or config.server.num_replicas,
+        ray_actor_options={"num_cpus": config.server.replica_num_cpus},
+    ).bind(config.model_dump(mode="json"))
 
 
 def build(args: dict[str, Any]) -> Application:
