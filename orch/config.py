@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from orch.api.tasks import ID_PATTERN, Engine
 from orch.core.queue import QueuePolicy
@@ -73,6 +83,7 @@ class PoolConfig(_Strict):
 
 
 class ServerConfig(_Strict):
+    #: The address clients reach; keep it equal to the Serve proxy's ``http_options.host``.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     #: Largest request body accepted, in bytes.
@@ -83,6 +94,56 @@ class ServerConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1, le=64)
     #: CPUs Ray reserves for each ingress replica (it relays; it does not compute).
     replica_num_cpus: float = Field(default=0.25, ge=0, le=16)
+    #: Bearer token every request must carry. Required when the service binds beyond
+    #: loopback. Prefer ``auth_token_env`` (the name of an environment variable holding it)
+    #: so the token stays out of config files.
+    auth_token: Optional[SecretStr] = Field(default=None, min_length=16)
+    auth_token_env: Optional[str] = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    #: Clients on loopback need no token (the home profile); off: everyone needs it.
+    loopback_bypass: bool = True
+    #: Origins allowed to call the API from a browser (CORS); empty: CORS off.
+    cors_origins: list[str] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _token_from_env(self) -> "ServerConfig":
+        if self.auth_token is None and self.auth_token_env:
+            value = os.environ.get(self.auth_token_env, "")
+            if len(value) < 16:
+                raise ValueError(
+                    f"auth_token_env names {self.auth_token_env}, which is unset or shorter than 16 characters"
+                )
+            object.__setattr__(self, "auth_token", SecretStr(value))
+        return self
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _local_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not origin.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+                raise ValueError(f"CORS origin {origin!r} is not a localhost origin; only local tooling may be allowed")
+        return value
+
+    @field_serializer("auth_token")
+    def _reveal_only_on_purpose(self, value: Optional[SecretStr], info: FieldSerializationInfo):
+        if value is None:
+            return None
+        if info.context and info.context.get("reveal_secrets"):
+            return value.get_secret_value()
+        return value
+
+    def token(self) -> Optional[str]:
+        return self.auth_token.get_secret_value() if self.auth_token else None
+
+
+class ArtifactsConfig(_Strict):
+    #: Where artifacts (task transcripts included) are written; relative paths are taken
+    #: from the directory the service is started in.
+    root: str = Field(default=".runtime/artifacts", validate_default=True, min_length=1)
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).expanduser().resolve())
 
 
 class OrchConfig(_Strict):
@@ -90,6 +151,7 @@ class OrchConfig(_Strict):
     #: Ray namespace of the pool actors; two orchestrators on one cluster need two.
     namespace: str = Field(default="orch", pattern=ID_PATTERN)
     server: ServerConfig = ServerConfig()
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
     pools: list[PoolConfig] = Field(min_length=1)
 
     @field_validator("version")
@@ -176,6 +238,32 @@ def load_config(path: Union[str, Path]) -> OrchConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: not valid YAML: {exc}") from None
     return parse_config(data, str(file))
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind_auth(config: OrchConfig, bind_host: str) -> None:
+    """The auth seam's start-up rule: beyond loopback, only with a bearer token."""
+    if not is_loopback(bind_host) and config.server.auth_token is None:
+        raise ConfigError(
+            f"the service binds {bind_host}, which is reachable beyond this machine, and no bearer token is "
+            "configured; set server.auth_token_env to the name of an environment variable holding a token "
+            "(at least 16 characters), or bind 127.0.0.1"
+        )
+
+
+def to_wire(config: OrchConfig) -> dict[str, Any]:
+    """The config as a plain dict for Ray actors and Serve replicas, secrets included."""
+    return config.model_dump(mode="json", context={"reveal_secrets": True})
 
 
 def check_gpu_capacity(config: OrchConfig, cluster_gpus: float) -> None:

@@ -143,6 +143,38 @@ class TaskRequest(BaseModel):
         return self
 
 
+class EmbeddingRequest(BaseModel):
+    """An embedding task as the ingress hands it to a pool (from ``POST /v1/embeddings``).
+
+    It goes through the same placement, admission and queue as a completion; its ``end``
+    event carries the vectors.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(min_length=1, max_length=1024)
+    task_id: Optional[str] = Field(default=None, pattern=ID_PATTERN)
+    session_id: Optional[str] = Field(default=None, pattern=ID_PATTERN)
+    model_ref: Optional[str] = Field(default=None, min_length=1, max_length=2048)
+    engine: Optional[Engine] = None
+    priority: Priority = Priority.interactive
+    deadline_ms: Optional[int] = Field(default=None, ge=1, le=7 * 24 * 3600 * 1000)
+    placement: Optional[PlacementOverrides] = None
+
+    @property
+    def workload(self) -> Workload:
+        return Workload.embedding
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_not_empty(cls, value: list[str]) -> list[str]:
+        if any(not text for text in value):
+            raise ValueError("every input must be a non-empty string")
+        if sum(len(text) for text in value) > 4_000_000:
+            raise ValueError("inputs are longer than 4,000,000 characters in total")
+        return value
+
+
 class StreamLinks(BaseModel):
     sse: str
     sse_verbose: str

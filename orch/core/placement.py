@@ -33,8 +33,11 @@ class PoolView:
     active_slots: int = 0
     queue_depth: int = 0
     device_mask: Optional[str] = None
+    workloads: tuple[str, ...] = ("completion",)
 
-    def serves(self, engine: Optional[str], model_ref: Optional[str]) -> bool:
+    def serves(self, engine: Optional[str], model_ref: Optional[str], workload: str = "completion") -> bool:
+        if workload not in self.workloads:
+            return False
         if engine is not None and engine != self.engine:
             return False
         if model_ref is not None and model_ref != self.model_ref and model_ref not in self.model_aliases:
@@ -70,13 +73,14 @@ def place(
     model_ref: Optional[str] = None,
     overrides: Optional[PlacementOverrides] = None,
     session_pool_id: Optional[str] = None,
+    workload: str = "completion",
 ) -> PlacementDecision:
     overrides = overrides or PlacementOverrides()
-    wanted = _describe(engine, model_ref)
-    serving = [p for p in pools if p.serves(engine, model_ref)]
+    wanted = _describe(engine, model_ref, workload)
+    serving = [p for p in pools if p.serves(engine, model_ref, workload)]
 
     if overrides.mode == PlacementMode.pin:
-        return _place_pinned(pools, overrides, engine, model_ref)
+        return _place_pinned(pools, overrides, engine, model_ref, workload)
 
     if not serving:
         known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
@@ -135,6 +139,7 @@ def _place_pinned(
     overrides: PlacementOverrides,
     engine: Optional[str],
     model_ref: Optional[str],
+    workload: str = "completion",
 ) -> PlacementDecision:
     pin = overrides.pin_pool_id
     pool = next((p for p in pools if p.pool_id == pin), None)
@@ -146,11 +151,11 @@ def _place_pinned(
         )
     if pin in overrides.avoid_pools:
         raise OrchError(ErrorCode.INVALID_PARAMS, f"pool '{pin}' is both pinned and avoided")
-    if not pool.serves(engine, model_ref):
+    if not pool.serves(engine, model_ref, workload):
         raise OrchError(
             ErrorCode.INVALID_PARAMS,
-            f"pinned pool '{pin}' serves engine {pool.engine} model {pool.model_ref}, "
-            f"not {_describe(engine, model_ref)}",
+            f"pinned pool '{pin}' serves engine {pool.engine} model {pool.model_ref} "
+            f"({', '.join(pool.workloads)}), not {_describe(engine, model_ref, workload)}",
             pool_id=pin,
         )
     if overrides.require_device_mask is not None and pool.device_mask != overrides.require_device_mask:
@@ -173,10 +178,12 @@ def _place_pinned(
     return PlacementDecision(pool.pool_id, pinned=True, candidates_considered=1)
 
 
-def _describe(engine: Optional[str], model_ref: Optional[str]) -> str:
-    parts = []
+def _describe(engine: Optional[str], model_ref: Optional[str], workload: str = "completion") -> str:
+    parts = [] if workload == "completion" else [f"{workload}s"]
     if engine is not None:
         parts.append(f"engine '{engine}'")
     if model_ref is not None:
         parts.append(f"model '{model_ref}'")
+    if workload != "completion":
+        return parts[0] + (" with " + " and ".join(parts[1:]) if len(parts) > 1 else "")
     return " and ".join(parts) or "any model"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 from orch.api.events import FinishReason
 
@@ -53,6 +53,28 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
         """Generate on ``slot``; returns why generation stopped (cancel is the caller's)."""
+
+    # -- optional capabilities ---------------------------------------------------------
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The model's own Jinja chat template (GGUF ``tokenizer.chat_template``), if any."""
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Text of the model's special tokens the chat template refers to (bos_token, eos_token)."""
+        return {}
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return False
+
+    def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
+        """One vector per input and the number of tokens read."""
+        raise EngineError(f"engine {self.name} does not serve embeddings on this pool")
+
+    def reset_caches(self) -> None:
+        """Drop cached KV state (operator purge); the next generation starts cold."""
 
     def close(self) -> None:  # pragma: no cover - engines without resources
         pass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
@@ -26,6 +26,9 @@ class LlamaCppEngine(Engine):
         self, model_path: Path, *, slots: int = 1, ctx: Optional[int] = None, threads: int = 1, **llama_options: Any
     ) -> None:
         self.model_path = Path(model_path)
+        if llama_options.get("embedding"):
+            # Decoder models report no pooling; one vector per input needs one (1 = mean).
+            llama_options.setdefault("pooling_type", 1)
         self.llama_options = llama_options
         self.slots = slots
         self.requested_ctx = ctx
@@ -48,6 +51,38 @@ class LlamaCppEngine(Engine):
     @property
     def chat_template(self) -> Optional[str]:
         return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        if not self._contexts:
+            return {}
+        llm = self._contexts[0]
+        tokens = {}
+        for name, token_id in (("bos_token", llm.token_bos()), ("eos_token", llm.token_eos())):
+            if token_id is not None and token_id >= 0:
+                tokens[name] = llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+        return tokens
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return bool(self.llama_options.get("embedding"))
+
+    def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
+        if not self.serves_embeddings:
+            return super().embed(slot, inputs)
+        llm = self._contexts[slot]
+        llm.reset()
+        try:
+            vectors, tokens = llm.embed(list(inputs), normalize=True, truncate=False, return_count=True)
+        except ValueError as exc:
+            raise EngineError(f"llama.cpp could not embed the input: {exc}") from exc
+        if vectors and isinstance(vectors[0], float):  # one input comes back unwrapped
+            vectors = [vectors]
+        return [[float(x) for x in v] for v in vectors], int(tokens)
+
+    def reset_caches(self) -> None:
+        for llm in self._contexts:
+            llm.reset()
 
     def load(self) -> None:
         try:
@@ -93,7 +128,7 @@ class LlamaCppEngine(Engine):
 
     def count_tokens(self, prompt: str) -> int:
         with self._tokenizer_lock:
-            return len(self._contexts[0].tokenize(prompt.encode("utf-8"), add_bos=True, special=False))
+            return len(self._contexts[0].tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
 
     def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
         llm = self._contexts[slot]

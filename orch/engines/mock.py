@@ -19,7 +19,7 @@ import random
 import re
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
@@ -43,7 +43,9 @@ class MockEngine(Engine):
         fail_load: Optional[str] = None,
         version: str = "mock-1",
         slots: int = 1,
+        embedding_dim: int = 0,
     ) -> None:
+        self.embedding_dim = embedding_dim
         self.tokens_per_s = tokens_per_s
         self.first_token_ms = first_token_ms
         self._ctx = ctx
@@ -55,7 +57,7 @@ class MockEngine(Engine):
 
     @classmethod
     def from_options(cls, options: dict[str, Any], slots: int, ctx: Optional[int]) -> "MockEngine":
-        known = {"tokens_per_s", "first_token_ms", "fail_load", "version"}
+        known = {"tokens_per_s", "first_token_ms", "fail_load", "version", "embedding_dim"}
         unknown = set(options) - known
         if unknown:
             raise EngineError(f"unknown mock engine options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -97,6 +99,19 @@ class MockEngine(Engine):
         if fault_at >= params.max_tokens:
             self._fail(fault_kind, params.max_tokens)
         return FinishReason.length
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self.embedding_dim > 0
+
+    def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
+        if not self.serves_embeddings:
+            return super().embed(slot, inputs)
+        vectors = []
+        for text in inputs:
+            rng = random.Random(hashlib.sha256(text.encode()).digest())
+            vectors.append([rng.uniform(-1, 1) for _ in range(self.embedding_dim)])
+        return vectors, sum(self.count_tokens(text) for text in inputs)
 
     def _fail(self, kind: Optional[str], index: int) -> None:
         if kind == "error":

@@ -26,19 +26,35 @@ def actor_name(pool_id: str) -> str:
     return ACTOR_PREFIX + pool_id
 
 
-def config_digest(config: PoolConfig) -> str:
-    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+def config_digest(config: PoolConfig, artifacts_root: str = "") -> str:
+    spec = {"pool": config.model_dump(mode="json"), "artifacts_root": artifacts_root}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @ray.remote
 class PoolActor:
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], namespace: str, artifacts_root: str) -> None:
         from orch.pools.manager import PoolManager
 
         logging.basicConfig(level=logging.INFO)
         self.config = PoolConfig.model_validate(config)
-        self.digest = config_digest(self.config)
+        self.namespace = namespace
+        self.digest = config_digest(self.config, artifacts_root)
         self.manager = PoolManager(self.config)
+        self._artifacts_root = artifacts_root
+        self._artifacts = None
+        self.manager.finish_listeners.append(self._store_transcript)
+
+    async def _store_transcript(self, summary: dict[str, Any]) -> None:
+        from orch.artifacts.actor import artifact_actor
+
+        if self._artifacts is None:
+            self._artifacts = artifact_actor(self._artifacts_root, self.namespace)
+        try:
+            await self._artifacts.put.remote(summary["transcript"])
+        except ray.exceptions.RayActorError:
+            self._artifacts = None  # it was restarted: find it again next time
+            raise
 
     def config_digest(self) -> str:
         return self.digest
@@ -61,6 +77,21 @@ class PoolActor:
     async def has_task(self, task_id: str) -> bool:
         return self.manager.has_task(task_id)
 
+    async def health(self) -> dict[str, Any]:
+        return self.manager.health()
+
+    async def drain(self, deadline_ms: Optional[int]) -> dict[str, Any]:
+        return await self.manager.drain(deadline_ms)
+
+    async def undrain(self) -> None:
+        await self.manager.undrain()
+
+    async def reload(self, new_model_ref: str) -> dict[str, Any]:
+        return await self.manager.reload(new_model_ref)
+
+    async def purge(self) -> dict[str, Any]:
+        return await self.manager.purge()
+
     async def shutdown(self) -> None:
         await self.manager.stop()
 
@@ -73,13 +104,13 @@ def ensure_pools(config: OrchConfig) -> dict[str, "ray.actor.ActorHandle"]:
     check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
     handles = {}
     for pool in config.pools:
-        handle = _get_or_create(pool, config.namespace)
+        handle = _get_or_create(pool, config.namespace, config.artifacts.root)
         handle.start.remote()
         handles[pool.id] = handle
     return handles
 
 
-def _get_or_create(pool: PoolConfig, namespace: str):
+def _get_or_create(pool: PoolConfig, namespace: str, artifacts_root: str):
     options = dict(
         name=actor_name(pool.id),
         namespace=namespace,
@@ -90,12 +121,12 @@ def _get_or_create(pool: PoolConfig, namespace: str):
         max_concurrency=MAX_CONCURRENCY,
     )
     spec = pool.model_dump(mode="json")
-    handle = PoolActor.options(**options).remote(spec)
-    if ray.get(handle.config_digest.remote()) != config_digest(pool):
+    handle = PoolActor.options(**options).remote(spec, namespace, artifacts_root)
+    if ray.get(handle.config_digest.remote()) != config_digest(pool, artifacts_root):
         log.warning("pool %s: configuration changed; replacing its actor", pool.id)
         ray.kill(handle, no_restart=True)
         _wait_gone(actor_name(pool.id), namespace)
-        handle = PoolActor.options(**options).remote(spec)
+        handle = PoolActor.options(**options).remote(spec, namespace, artifacts_root)
     return handle
 
 

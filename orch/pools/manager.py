@@ -12,11 +12,12 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
-from orch.api.tasks import Priority, TaskRequest
+from orch.api.tasks import EmbeddingRequest, Priority, TaskRequest
+from orch.artifacts.transcript import build_transcript
 from orch.config import PoolConfig
 from orch.core.admission import ModelLimits, check_context, check_request
 from orch.core.errors import OrchError
@@ -31,6 +32,11 @@ log = logging.getLogger("orch.pool")
 CANCEL_ACK_TIMEOUT_S = 2.0
 #: Finished tasks kept at most, whatever their age.
 MAX_FINISHED_RECORDS = 10_000
+#: How long a reload waits for in-flight tasks before giving up (and keeping the old model).
+RELOAD_IDLE_TIMEOUT_S = 60.0
+
+#: Receives one summary per finished task: its transcript artifact and its usage.
+FinishListener = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class PoolManager:
@@ -43,7 +49,17 @@ class PoolManager:
         self.tasks: dict[str, TaskRecord] = {}
         self.ready = False
         self.draining = False
+        self.drain_deadline_at: Optional[float] = None
         self.last_error: Optional[str] = None
+        self.model_ref = config.model
+        self.model_aliases: tuple[str, ...] = tuple(config.model_aliases)
+        self.model_digest: Optional[str] = None
+        self.finish_listeners: list[FinishListener] = []
+        self._finished: Optional[asyncio.Queue] = None
+        self._dispatch_open = asyncio.Event()
+        self._dispatch_open.set()
+        self._control_lock = asyncio.Lock()
+        self._background: set[asyncio.Task] = set()
         self.active_slots = 0
         self._free_slots: list[int] = list(range(config.slots))
         self._executor = ThreadPoolExecutor(max_workers=config.slots + 1, thread_name_prefix=f"pool-{config.id}")
@@ -53,7 +69,8 @@ class PoolManager:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._service_ms = 1000.0  # moving average of a task's run time
         self._started_lock = asyncio.Lock()
-        self.counters = {"enqueued": 0, "started": 0, "completed": 0, "cancelled": 0, "rejected": 0, "failed": 0, "dropped": 0}
+        self.counters = {"enqueued": 0, "started": 0, "completed": 0, "cancelled": 0, "rejected": 0, "failed": 0,
+                         "dropped": 0, "purged": 0, "reloads": 0, "reload_rollbacks": 0}
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -70,7 +87,9 @@ class PoolManager:
                 log.error("pool %s: %s", self.pool_id, self.last_error)
                 return self.snapshot()
             self.engine = engine
+            self._finished = asyncio.Queue()
             self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.slots)]
+            self._workers.append(asyncio.create_task(self._deliver_finished()))
             self._janitor = asyncio.create_task(self._sweep_finished())
             self.ready = True
             self.last_error = None
@@ -99,10 +118,15 @@ class PoolManager:
             "pool_id": self.pool_id,
             "engine": self.config.engine.value,
             "engine_version": engine.version if engine else "",
-            "model_ref": self.config.model,
-            "model_aliases": tuple(self.config.model_aliases),
+            "model_ref": self.model_ref,
+            "model_aliases": self.model_aliases,
+            "model_digest": self.model_digest,
             "ready": self.ready,
             "draining": self.draining,
+            "drained": self.draining and len(self.queue) == 0 and self.active_slots == 0,
+            "workloads": self.workloads(),
+            "chat_template": engine.chat_template if engine else None,
+            "special_tokens": engine.special_tokens if engine else {},
             "slots": self.config.slots,
             "active_slots": self.active_slots,
             "queue_depth": len(self.queue),
@@ -118,8 +142,15 @@ class PoolManager:
             "counters": dict(self.counters),
         }
 
+    def workloads(self) -> tuple[str, ...]:
+        if self.engine is not None and self.engine.serves_embeddings:
+            return ("completion", "embedding")
+        return ("completion",)
+
     # -- admission -----------------------------------------------------------------------
-    async def submit(self, request: TaskRequest, task_id: str, correlation_id: Optional[str] = None) -> dict[str, Any]:
+    async def submit(
+        self, request: Union[TaskRequest, EmbeddingRequest], task_id: str, correlation_id: Optional[str] = None
+    ) -> dict[str, Any]:
         """Admit and queue one task; returns the admission or an error envelope, never raises."""
         try:
             return self._submit(request, task_id, correlation_id)
@@ -127,39 +158,19 @@ class PoolManager:
             self.counters["rejected"] += 1
             return {"error": exc.to_dict()}
 
-    def _submit(self, request: TaskRequest, task_id: str, correlation_id: Optional[str]) -> dict[str, Any]:
+    def _submit(self, request: Union[TaskRequest, EmbeddingRequest], task_id: str, correlation_id: Optional[str]) -> dict[str, Any]:
         if not self.ready or self.engine is None:
             raise self._unready()
         if self.draining:
-            raise OrchError(ErrorCode.POOL_UNREADY, f"pool '{self.pool_id}' is draining", retriable=True,
-                            retry_after_ms=1000, pool_id=self.pool_id, engine=self.config.engine.value)
+            raise OrchError(ErrorCode.POOL_UNREADY, f"pool '{self.pool_id}' is draining and admits no new work",
+                            retriable=True, retry_after_ms=1000, pool_id=self.pool_id, engine=self.config.engine.value)
         if task_id in self.tasks:
             raise OrchError(ErrorCode.INVALID_PARAMS, f"task_id '{task_id}' is already in use; pick another or leave it out")
-        ctx = check_request(request, self.limits())
-        prompt_tokens = self.engine.count_tokens(request.prompt)
-        check_context(prompt_tokens, request.max_tokens, ctx)
-        seed = request.seed if request.seed is not None else random.getrandbits(32)
-        params = GenerationParams(
-            max_tokens=request.max_tokens,
-            seed=seed,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            stop=tuple(request.stop),
-        )
-        record = TaskRecord(
-            task_id=task_id,
-            priority=request.priority.value,
-            prompt=request.prompt,
-            params=params,
-            ctx=ctx,
-            prompt_tokens=prompt_tokens,
-            queue_position=0,
-            predicted_start_ms=0,
-            deadline_at=time.monotonic() + request.deadline_ms / 1000 if request.deadline_ms else None,
-            session_id=request.session_id,
-            correlation_id=correlation_id,
-        )
+        if isinstance(request, EmbeddingRequest):
+            record = self._embedding_record(request, task_id, correlation_id)
+        else:
+            record = self._completion_record(request, task_id, correlation_id)
+        record.finalizer = self._finalize
         record.bind_loop(self._loop)
         try:
             outcome = self.queue.enqueue(task_id, request.priority, record)
@@ -178,9 +189,64 @@ class PoolManager:
             "queue_position": outcome.position,
             "predicted_start_ms": record.predicted_start_ms,
             "backoff_ms": self._backoff_ms(),
-            "prompt_tokens": prompt_tokens,
-            "seed": seed,
+            "prompt_tokens": record.prompt_tokens,
+            "seed": record.params.seed,
         }
+
+    def _completion_record(self, request: TaskRequest, task_id: str, correlation_id: Optional[str]) -> TaskRecord:
+        ctx = check_request(request, self.limits())
+        prompt_tokens = self.engine.count_tokens(request.prompt)
+        check_context(prompt_tokens, request.max_tokens, ctx)
+        seed = request.seed if request.seed is not None else random.getrandbits(32)
+        params = GenerationParams(
+            max_tokens=request.max_tokens,
+            seed=seed,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            stop=tuple(request.stop),
+        )
+        return TaskRecord(
+            task_id=task_id,
+            priority=request.priority.value,
+            prompt=request.prompt,
+            params=params,
+            ctx=ctx,
+            prompt_tokens=prompt_tokens,
+            queue_position=0,
+            predicted_start_ms=0,
+            deadline_at=time.monotonic() + request.deadline_ms / 1000 if request.deadline_ms else None,
+            session_id=request.session_id,
+            correlation_id=correlation_id,
+            request=request.model_dump(mode="json", exclude_none=True),
+        )
+
+    def _embedding_record(self, request: EmbeddingRequest, task_id: str, correlation_id: Optional[str]) -> TaskRecord:
+        if not self.engine.serves_embeddings:
+            raise OrchError(ErrorCode.INVALID_PARAMS, f"pool '{self.pool_id}' does not serve embeddings",
+                            pool_id=self.pool_id, engine=self.config.engine.value)
+        ctx = self.engine.ctx_max
+        counts = [self.engine.count_tokens(text) for text in request.inputs]
+        for index, count in enumerate(counts):
+            if count > ctx:
+                raise OrchError(ErrorCode.INVALID_PARAMS,
+                                f"input[{index}] is {count} tokens; the model embeds at most {ctx} tokens per input",
+                                pool_id=self.pool_id, engine=self.config.engine.value)
+        return TaskRecord(
+            task_id=task_id,
+            priority=request.priority.value,
+            prompt="",
+            params=GenerationParams(max_tokens=1, seed=0),
+            ctx=ctx,
+            prompt_tokens=sum(counts),
+            queue_position=0,
+            predicted_start_ms=0,
+            deadline_at=time.monotonic() + request.deadline_ms / 1000 if request.deadline_ms else None,
+            session_id=request.session_id,
+            correlation_id=correlation_id,
+            inputs=list(request.inputs),
+            request=request.model_dump(mode="json", exclude_none=True),
+        )
 
     def _unready(self) -> OrchError:
         cause = f": {self.last_error}" if self.last_error else " (still loading)"
@@ -260,6 +326,7 @@ class PoolManager:
     # -- execution -----------------------------------------------------------------------
     async def _worker(self) -> None:
         while True:
+            await self._dispatch_open.wait()  # closed while a reload swaps the engine
             item = self.queue.pop()
             if item is None:
                 self._work.clear()
@@ -289,6 +356,9 @@ class PoolManager:
         record.state = "running"
         record.started_at = now
         self.counters["started"] += 1
+        if record.inputs is not None:
+            await self._run_embedding(record, slot)
+            return
         record.push("started", {
             "queue_position": record.queue_position,
             "predicted_start_ms": record.predicted_start_ms,
@@ -328,6 +398,200 @@ class PoolManager:
                                "finish_reason": finish.value}):
             self.counters["completed"] += 1
 
+    async def _run_embedding(self, record: TaskRecord, slot: int) -> None:
+        record.push("started", {
+            "queue_position": record.queue_position,
+            "predicted_start_ms": record.predicted_start_ms,
+            "queue_wait_ms": int((record.started_at - record.admitted_at) * 1000),
+            "pool_id": self.pool_id,
+            "engine": self.config.engine.value,
+            "engine_version": self.engine.version,
+            "prompt_tokens": record.prompt_tokens,
+        })
+        try:
+            vectors, tokens = await self._loop.run_in_executor(self._executor, self.engine.embed, slot, record.inputs)
+        except EngineError as exc:
+            self.counters["failed"] += 1
+            record.push("error", self._error_payload(ErrorCode.INTERNAL, str(exc)))
+            return
+        if record.push("end", {"tokens_out": 0, "tokens_in": tokens, "decode_time_ms": self._decode_ms(record),
+                               "finish_reason": FinishReason.stop.value, "embeddings": vectors}):
+            self.counters["completed"] += 1
+
+    # -- transcripts and finish listeners ------------------------------------------------
+    def _finalize(self, record: TaskRecord, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+        """Build the task's transcript as it ends and name it in the terminal event.
+
+        Runs under the record's lock, from whichever thread ends the task, so it only
+        computes; delivery to the listeners (artifact store, sessions) happens on the loop.
+        """
+        engine = self.engine
+        events = [(k, d) for k, d in record.events] + [(kind, _without_vectors(data))]
+        transcript_id, body = build_transcript(
+            task_id=record.task_id,
+            pool_id=self.pool_id,
+            engine=self.config.engine.value,
+            engine_version=engine.version if engine else "",
+            model_ref=self.model_ref,
+            model_digest=self.model_digest,
+            request=record.request,
+            seed=record.params.seed if record.inputs is None else None,
+            tokens_in=record.prompt_tokens,
+            tokens_out=record.tokens_out,
+            decode_time_ms=self._decode_ms(record),
+            queue_wait_ms=int((record.started_at - record.admitted_at) * 1000) if record.started_at else None,
+            events=events,
+            session_id=record.session_id,
+            correlation_id=record.correlation_id,
+        )
+        summary = {
+            "task_id": record.task_id,
+            "pool_id": self.pool_id,
+            "session_id": record.session_id,
+            "outcome": kind,
+            "error_code": data.get("code") if kind == "error" else None,
+            "tokens_in": record.prompt_tokens,
+            "tokens_out": record.tokens_out,
+            "decode_time_ms": self._decode_ms(record),
+            "transcript_id": transcript_id,
+            "transcript": body,
+        }
+        if self._finished is not None and self._loop is not None:
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is self._loop:
+                self._finished.put_nowait(summary)
+            else:
+                self._loop.call_soon_threadsafe(self._finished.put_nowait, summary)
+        return dict(data, transcript_id=transcript_id)
+
+    async def _deliver_finished(self) -> None:
+        assert self._finished is not None
+        while True:
+            summary = await self._finished.get()
+            for listener in list(self.finish_listeners):
+                try:
+                    await listener(summary)
+                except Exception:  # a listener must never stop the others or the pool
+                    log.exception("pool %s: finish listener failed for task %s", self.pool_id, summary["task_id"])
+
+    # -- operator control ----------------------------------------------------------------
+    async def drain(self, deadline_ms: Optional[int]) -> dict[str, Any]:
+        """Stop admitting; let queued and running work finish. Past the deadline, what is
+        left ends with a retriable error so no client waits forever."""
+        self.draining = True
+        self.drain_deadline_at = time.monotonic() + deadline_ms / 1000 if deadline_ms else None
+        if deadline_ms:
+            task = asyncio.create_task(self._enforce_drain_deadline(deadline_ms / 1000))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return {"pool_id": self.pool_id, "draining": True, "queued": len(self.queue), "active": self.active_slots,
+                "deadline_ms": deadline_ms}
+
+    async def _enforce_drain_deadline(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if len(self.queue) == 0 and self.active_slots == 0:
+                return
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        if not self.draining:
+            return
+        message = f"pool '{self.pool_id}' was drained by an operator before this task finished; resubmit it"
+        for record in list(self.tasks.values()):
+            if record.terminal:
+                continue
+            self.queue.cancel(record.task_id)
+            record.cancelled = True
+            if record.push("error", self._error_payload(ErrorCode.POOL_UNAVAILABLE, message, retriable=True,
+                                                        retry_after_ms=1000)):
+                self.counters["failed"] += 1
+
+    async def undrain(self) -> None:
+        self.draining = False
+        self.drain_deadline_at = None
+
+    async def reload(self, new_model_ref: str, idle_timeout_s: float = RELOAD_IDLE_TIMEOUT_S) -> dict[str, Any]:
+        """Swap the model atomically: Ready on the new model, or still Ready on the old one.
+
+        Dispatch pauses (new tasks still queue), running tasks finish, the new model loads
+        next to the old one, and only then is the old one closed; on any failure the old
+        engine was never touched and dispatch resumes on it.
+        """
+        async with self._control_lock:
+            old_engine, old_ref, old_aliases = self.engine, self.model_ref, self.model_aliases
+            if old_engine is None:
+                return await self._first_load(new_model_ref)
+            self._dispatch_open.clear()
+            try:
+                deadline = time.monotonic() + idle_timeout_s
+                while self.active_slots > 0:
+                    if time.monotonic() >= deadline:
+                        return self._rolled_back(old_ref, f"in-flight tasks did not finish within {idle_timeout_s:.0f} s")
+                    await asyncio.sleep(0.02)
+                try:
+                    new_engine = self._engine_factory(self.config.model_copy(update={"model": new_model_ref}))
+                    await self._loop.run_in_executor(self._executor, new_engine.load)
+                except (EngineError, OSError, ValueError) as exc:
+                    return self._rolled_back(old_ref, str(exc))
+                self.engine = new_engine
+                self.model_ref = new_model_ref
+                self.model_aliases = ()
+                self.model_digest = None
+                self.draining = False
+                self.counters["reloads"] += 1
+                await self._loop.run_in_executor(self._executor, old_engine.close)
+                log.info("pool %s reloaded: %s -> %s", self.pool_id, old_ref, new_model_ref)
+                return {"pool_id": self.pool_id, "reloaded": True, "rolled_back": False, "model_ref": new_model_ref,
+                        "previous_model_ref": old_ref, "engine_version": new_engine.version, "ctx_max": new_engine.ctx_max}
+            finally:
+                self._dispatch_open.set()
+                self._work.set()
+
+    async def _first_load(self, new_model_ref: str) -> dict[str, Any]:
+        """A pool that never loaded takes the new model as its first."""
+        self.config = self.config.model_copy(update={"model": new_model_ref})
+        self.model_ref, self.model_aliases = new_model_ref, ()
+        snapshot = await self.start()
+        if not snapshot["ready"]:
+            return {"pool_id": self.pool_id, "reloaded": False, "rolled_back": False, "model_ref": new_model_ref,
+                    "error": self.last_error}
+        return {"pool_id": self.pool_id, "reloaded": True, "rolled_back": False, "model_ref": new_model_ref}
+
+    def _rolled_back(self, old_ref: str, cause: str) -> dict[str, Any]:
+        self.counters["reload_rollbacks"] += 1
+        log.warning("pool %s: reload failed (%s); still serving %s", self.pool_id, cause, old_ref)
+        return {"pool_id": self.pool_id, "reloaded": False, "rolled_back": True, "model_ref": old_ref,
+                "error": f"reload failed: {cause}; rolled back, still serving {old_ref}"}
+
+    async def purge(self) -> dict[str, Any]:
+        """Drop every queued task (each gets a retriable error) and forget finished ones."""
+        purged = 0
+        message = f"removed from the queue of pool '{self.pool_id}' by an operator purge; resubmit it"
+        while True:
+            item = self.queue.pop()
+            if item is None:
+                break
+            _, record = item
+            record.cancelled = True
+            if record.push("error", self._error_payload(ErrorCode.POOL_UNAVAILABLE, message, retriable=True,
+                                                        retry_after_ms=1000)):
+                purged += 1
+        # Only records whose every event was handed to a stream: nobody can still be reading them.
+        forgotten = [tid for tid, r in self.tasks.items() if r.terminal and r.handed_out >= len(r.events)]
+        for task_id in forgotten:
+            self.tasks.pop(task_id, None)
+        self.counters["purged"] += purged
+        return {"pool_id": self.pool_id, "purged_queued": purged, "forgotten_finished": len(forgotten),
+                "running": self.active_slots}
+
+    def health(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        snap.pop("chat_template", None)
+        snap["live"] = True
+        return snap
+
     @staticmethod
     def _decode_ms(record: TaskRecord) -> int:
         if record.started_at is None:
@@ -347,3 +611,12 @@ class PoolManager:
                 expired.update(r.task_id for r in rest[:overflow])
             for task_id in expired:
                 self.tasks.pop(task_id, None)
+
+
+def _without_vectors(data: dict[str, Any]) -> dict[str, Any]:
+    """Transcripts record that vectors were returned, not the vectors themselves."""
+    vectors = data.get("embeddings")
+    if not vectors:
+        return data
+    return {k: v for k, v in data.items() if k != "embeddings"} | {
+        "embeddings_returned": len(vectors), "embedding_dim": len(vectors[0])}

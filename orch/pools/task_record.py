@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from orch.api.events import TERMINAL_EVENTS
 
@@ -34,6 +34,13 @@ class TaskRecord:
     deadline_at: Optional[float] = None
     session_id: Optional[str] = None
     correlation_id: Optional[str] = None
+    #: Embedding inputs; None for a completion.
+    inputs: Optional[list[str]] = None
+    #: The request as admitted (for the transcript, which redacts the prompt).
+    request: dict[str, Any] = field(default_factory=dict)
+    #: Called under the lock with (record, kind, data) for the terminal event; returns the
+    #: data to append (the pool adds the transcript id there).
+    finalizer: Optional[Callable[["TaskRecord", str, dict[str, Any]], dict[str, Any]]] = None
     state: str = "queued"  # queued -> running -> done
     admitted_at: float = field(default_factory=time.monotonic)
     started_at: Optional[float] = None
@@ -61,6 +68,8 @@ class TaskRecord:
         with self._lock:
             if self.terminal:
                 return False
+            if kind in TERMINAL_EVENTS and self.finalizer is not None:
+                data = self.finalizer(self, kind, data)
             self.events.append((kind, data))
             if kind == "token":
                 self.tokens_out += 1

@@ -16,10 +16,12 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from orch.config import ConfigError, OrchConfig, check_gpu_capacity, load_config, parse_config
+from orch.artifacts.actor import artifact_actor
+from orch.config import ConfigError, OrchConfig, check_bind_auth, check_gpu_capacity, load_config, parse_config, to_wire
 from orch.pools.actor import ensure_pools
-from orch.serve.app import IngressState, build_app
+from orch.serve.app import build_app
 from orch.serve.registry import PoolRegistry
+from orch.serve.state import IngressState
 
 log = logging.getLogger("orch.ingress")
 
@@ -32,8 +34,13 @@ log = logging.getLogger("orch.ingress")
 class OrchIngress:
     async def __init__(self, config: dict[str, Any]) -> None:
         self.config = parse_config(config, "ingress config")
+        check_bind_auth(self.config, _proxy_host(self.config.server.host))
         handles = await asyncio.to_thread(ensure_pools, self.config)
-        self.state = IngressState(self.config, PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s))
+        self.state = IngressState(
+            self.config,
+            PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s),
+            artifacts=artifact_actor(self.config.artifacts.root, self.config.namespace),
+        )
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)
@@ -45,7 +52,17 @@ def build_application(config: OrchConfig, num_replicas: int | None = None) -> Ap
     return OrchIngress.options(
         num_replicas=num_replicas or config.server.num_replicas,
         ray_actor_options={"num_cpus": config.server.replica_num_cpus},
-    ).bind(config.model_dump(mode="json"))
+    ).bind(to_wire(config))
+
+
+def _proxy_host(configured: str) -> str:
+    """The address Serve's HTTP proxy really binds (the Serve config's http_options.host)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return _get_global_client().http_config.host or configured
+    except Exception:  # not reachable from here: trust the orchestrator config
+        return configured
 
 
 def build(args: dict[str, Any]) -> Application:

@@ -42,8 +42,11 @@ class PoolRegistry:
             await self.refresh()
         return self._rows
 
-    async def refresh(self) -> None:
-        """Single-flight: concurrent callers share one round of snapshot calls."""
+    async def refresh(self, force: bool = False) -> None:
+        """Single-flight: concurrent callers share one round of snapshot calls. ``force``
+        waits for a round that starts now (after an operator changed a pool)."""
+        if force and self._refreshing is not None and not self._refreshing.done():
+            await asyncio.shield(self._refreshing)
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self._refresh())
         await asyncio.shield(self._refreshing)
@@ -103,6 +106,7 @@ class PoolRegistry:
                 active_slots=row.get("active_slots", 0),
                 queue_depth=row.get("queue_depth", 0),
                 device_mask=row.get("device_mask"),
+                workloads=tuple(row.get("workloads", ("completion",))),
             )
             for row in rows.values()
         ]

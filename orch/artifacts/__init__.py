@@ -1,0 +1,1 @@
+"""Artifacts: content-addressed records (plans, transcripts, logs...) stored on disk."""

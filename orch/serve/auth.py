@@ -1,0 +1,117 @@
+"""The auth seam: bearer tokens, the loopback bypass, and who made each request.
+
+Tokens are compared in constant time (``hmac.compare_digest`` over their sha256) and never
+logged: a request's identity is ``localhost`` or ``token:<first 6 hex of the token's
+sha256>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+from typing import Optional
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from orch.api.errors import ErrorCode
+
+log = logging.getLogger("orch.access")
+
+#: Paths a load balancer probes without credentials.
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def token_identity(token: str) -> str:
+    return "token:" + hashlib.sha256(token.encode("utf-8")).hexdigest()[:6]
+
+
+def _client_is_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    if not client:
+        return False
+    host = client[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _bearer(scope: Scope) -> Optional[str]:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            text = value.decode("latin-1")
+            scheme, _, credential = text.partition(" ")
+            if scheme.lower() != "bearer" or not credential.strip():
+                return ""
+            return credential.strip()
+    return None
+
+
+class AuthMiddleware:
+    """Pure ASGI: lets a request through with ``scope['state']['identity']`` set, or answers 401."""
+
+    def __init__(self, app: ASGIApp, token: Optional[str], loopback_bypass: bool) -> None:
+        self.app = app
+        self.loopback_bypass = loopback_bypass
+        self._digest = hashlib.sha256(token.encode("utf-8")).digest() if token else None
+        self._identity = token_identity(token) if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        loopback = _client_is_loopback(scope)
+        if self._digest is None or (self.loopback_bypass and loopback) or scope.get("path") in OPEN_PATHS:
+            state["identity"] = "localhost" if loopback else "anonymous"
+            await self.app(scope, receive, _logged(scope, send))
+            return
+        given = _bearer(scope)
+        if given:
+            candidate = hashlib.sha256(given.encode("utf-8")).digest()
+            if hmac.compare_digest(candidate, self._digest):
+                state["identity"] = self._identity
+                await self.app(scope, receive, _logged(scope, send))
+                return
+        reason = "missing" if given is None else ("malformed" if given == "" else "wrong")
+        log.warning("refused %s %s: %s bearer token identity=unauthenticated", scope.get("method"), scope.get("path"), reason)
+        await _unauthorized(scope, send, reason)
+
+
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _logged(scope: Scope, send: Send) -> Send:
+    """One access line per request, with who made it (never the token)."""
+
+    async def send_and_log(message) -> None:
+        if message["type"] == "http.response.start":
+            state = scope.get("state", {})
+            level = logging.DEBUG if scope.get("path") in QUIET_PATHS else logging.INFO
+            log.log(level, "%s %s %s identity=%s correlation_id=%s", scope.get("method"), scope.get("path"),
+                    message.get("status"), state.get("identity"), state.get("correlation_id"))
+        await send(message)
+
+    return send_and_log
+
+
+async def _unauthorized(scope: Scope, send: Send, reason: str) -> None:
+    correlation = scope.get("state", {}).get("correlation_id")
+    body = {
+        "code": ErrorCode.UNAUTHORIZED.value,
+        "message": f"{reason} bearer token; send 'Authorization: Bearer <token>' with the token configured on the server",
+        "retriable": False,
+    }
+    if correlation:
+        body["correlation_id"] = correlation
+    if scope.get("path", "").startswith("/v1/"):
+        body = {"error": {"message": body["message"], "type": "authentication_error", "param": None,
+                          "code": ErrorCode.UNAUTHORIZED.value}}
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+        (b"www-authenticate", b'Bearer realm="llama-orch"')]})
+    await send({"type": "http.response.body", "body": raw})

@@ -1,0 +1,1 @@
+"""The ingress's routes, one module per area; each exposes ``routes(state) -> list[ApiRoute]``."""

@@ -1,0 +1,91 @@
+"""Discovery: capabilities of the pools, version and build of the service, the OpenAPI document."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from typing import Any, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orch.api.meta import API_VERSION, Capabilities, PoolCapabilities, VersionInfo
+from orch.config import project_root
+from orch.serve.routing import ApiRoute
+from orch.serve.state import IngressState
+
+BASE_FEATURES = ("streaming", "cancel", "seed", "resume", "priorities", "placement_overrides", "transcripts")
+
+
+def pool_features(row: dict[str, Any]) -> list[str]:
+    features = list(BASE_FEATURES)
+    if row.get("chat_template"):
+        features.append("chat_template")
+    if "embedding" in row.get("workloads", ()):
+        features.append("embeddings")
+    if row.get("slots", 1) == 1:
+        features.append("deterministic_single_slot")
+    return features
+
+
+@functools.lru_cache(maxsize=1)
+def version_info() -> VersionInfo:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("llama-orch")
+    except PackageNotFoundError:
+        package_version = "0+unknown"
+    commit = os.environ.get("ORCH_BUILD_COMMIT") or _git("rev-parse", "HEAD")
+    built = os.environ.get("ORCH_BUILD_TIME") or _git("show", "-s", "--format=%cI", "HEAD")
+    return VersionInfo(api_version=API_VERSION, package_version=package_version, build_commit=commit, build_time=built)
+
+
+def _git(*args: str) -> str | None:
+    root = project_root()
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[ApiRoute]:
+    registry = state.registry
+
+    async def capabilities(request: Request) -> Response:
+        rows = await registry.rows()
+        pools = []
+        for pool in state.config.pools:
+            row = rows.get(pool.id, {})
+            pools.append(PoolCapabilities(
+                pool_id=pool.id,
+                ready=row.get("ready", False),
+                engine=pool.engine.value,
+                engine_version=row.get("engine_version", ""),
+                model=row.get("model_ref", pool.model),
+                ctx_max=row.get("ctx_max", 0),
+                max_tokens_out=pool.max_tokens_out,
+                slots=pool.slots,
+                workloads=list(row.get("workloads", ("completion",))),
+                features=pool_features(row),
+            ))
+        return JSONResponse(Capabilities(api_version=API_VERSION, pools=pools).model_dump())
+
+    async def version(request: Request) -> Response:
+        return JSONResponse(version_info().model_dump())
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi())
+
+    return [
+        ApiRoute("GET", "/v2/meta/capabilities", capabilities, "What each pool serves and supports", "meta",
+                 answers={200: Capabilities}, errors=(401,)),
+        ApiRoute("GET", "/v2/meta/version", version, "API version, package version and build", "meta",
+                 answers={200: VersionInfo}, errors=(401,)),
+        ApiRoute("GET", "/openapi.json", openapi_json, "This document", "meta",
+                 answers={200: ("application/json", "OpenAPI 3.1 document")}, errors=(401,)),
+    ]

@@ -1,0 +1,51 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orch.serve.routing import ApiRoute
+from orch.serve.state import IngressState
+
+
+class Health(BaseModel):
+    """The ingress answers."""
+
+    status: str
+
+
+class PoolReadiness(BaseModel):
+    ready: bool
+    draining: bool
+    last_error: str | None = None
+
+
+class Readiness(BaseModel):
+    """Ready when at least one pool admits work (503 otherwise, same body)."""
+
+    ready: bool
+    pools: dict[str, PoolReadiness]
+
+
+def routes(state: IngressState) -> list[ApiRoute]:
+    registry = state.registry
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        rows = await registry.rows()
+        pools = {
+            pid: {"ready": row["ready"], "draining": row.get("draining", False), "last_error": row.get("last_error")}
+            for pid, row in rows.items()
+        }
+        ready = any(p["ready"] and not p["draining"] for p in pools.values())
+        return JSONResponse({"ready": ready, "pools": pools}, status_code=200 if ready else 503)
+
+    return [
+        ApiRoute("GET", "/healthz", healthz, "Liveness of the ingress", "operations", answers={200: Health}, errors=()),
+        ApiRoute("GET", "/readyz", readyz, "Readiness: some pool admits work", "operations",
+                 answers={200: Readiness, 503: Readiness}, errors=()),
+    ]

@@ -1,0 +1,155 @@
+"""What every task-creating route shares: sessions, placement, admission, streams, cancel.
+
+``/v2/tasks`` and the OpenAI-compatible routes both go through ``TaskService``, so no route
+bypasses budgets, placement or the pools' bounded queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Optional, Protocol, Union
+
+import ray
+
+from orch.api.errors import ErrorCode
+from orch.api.tasks import EmbeddingRequest, TaskRequest
+from orch.core.errors import OrchError
+from orch.core.placement import PlacementDecision, place
+from orch.serve.registry import PoolRegistry
+
+log = logging.getLogger("orch.ingress")
+
+#: Seconds one poll of a pool waits for new events before the stream sends a keepalive.
+POLL_WAIT_S = 15.0
+
+AnyTask = Union[TaskRequest, EmbeddingRequest]
+
+
+class SessionGate(Protocol):
+    """Sessions as admission sees them (implemented over the shared sessions actor)."""
+
+    async def before_admit(self, session_id: str, request: AnyTask) -> Optional[str]:
+        """Check the session's turns and budgets (raise OrchError BUDGET_EXCEEDED to
+        refuse); returns the pool that served its last turn, for affinity."""
+
+    async def after_admit(self, session_id: str, pool_id: str, decision: PlacementDecision) -> None:
+        """Record the turn and where it went."""
+
+
+@dataclass
+class Admitted:
+    task_id: str
+    pool_id: str
+    decision: PlacementDecision
+    result: dict[str, Any]
+
+
+class TaskService:
+    def __init__(self, registry: PoolRegistry, sessions: Optional[SessionGate] = None) -> None:
+        self.registry = registry
+        self.sessions = sessions
+
+    async def admit(self, task: AnyTask, correlation_id: Optional[str] = None) -> Admitted:
+        """Budgets, placement and the pool's admission, in that order; raises OrchError."""
+        session_pool_id = None
+        if task.session_id and self.sessions is not None:
+            session_pool_id = await self.sessions.before_admit(task.session_id, task)
+        views = await self.registry.views()
+        decision = place(
+            views,
+            engine=task.engine.value if task.engine else None,
+            model_ref=task.model_ref,
+            overrides=task.placement,
+            session_pool_id=session_pool_id,
+            workload=task.workload.value,
+        )
+        task_id = task.task_id or uuid.uuid4().hex
+        try:
+            result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id)
+        except ray.exceptions.RayActorError:
+            raise OrchError(
+                ErrorCode.POOL_UNAVAILABLE,
+                f"pool '{decision.pool_id}' is unreachable; retry shortly",
+                retriable=True,
+                retry_after_ms=1000,
+                pool_id=decision.pool_id,
+            ) from None
+        if "error" in result:
+            raise OrchError.from_dict(result["error"])
+        self.registry.remember(task_id, decision.pool_id)
+        if task.session_id and self.sessions is not None:
+            await self.sessions.after_admit(task.session_id, decision.pool_id, decision)
+        return Admitted(task_id, decision.pool_id, decision, result)
+
+    async def locate(self, task_id: str) -> str:
+        pool_id = await self.registry.locate(task_id)
+        if pool_id is None:
+            raise OrchError(ErrorCode.NOT_FOUND, f"no task '{task_id}' (unknown, or finished and expired)")
+        return pool_id
+
+    async def open_stream(self, task_id: str, cursor: int = 0) -> "TaskStream":
+        """Attach to a task's events from ``cursor``; raises NOT_FOUND before any byte is sent."""
+        pool_id = await self.locate(task_id)
+        stream = TaskStream(self.registry.handle(pool_id), task_id, pool_id, cursor)
+        first = await stream.poll(0.0)
+        if "error" in first:
+            raise OrchError.from_dict(first["error"])
+        stream.first = first
+        return stream
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        pool_id = await self.locate(task_id)
+        try:
+            result = await self.registry.handle(pool_id).cancel.remote(task_id)
+        except ray.exceptions.RayActorError:
+            raise OrchError(ErrorCode.WORKER_RESET, f"pool '{pool_id}' was lost; the task is gone",
+                            retriable=True, pool_id=pool_id) from None
+        if not result.get("found"):
+            raise OrchError(ErrorCode.NOT_FOUND, f"no task '{task_id}'")
+        return result
+
+
+class TaskStream:
+    """A task's events, relayed in batches: everything ready since the last hop, one call."""
+
+    def __init__(self, handle, task_id: str, pool_id: str, cursor: int) -> None:
+        self.handle = handle
+        self.task_id = task_id
+        self.pool_id = pool_id
+        self.cursor = cursor
+        self.first: Optional[dict[str, Any]] = None
+
+    async def poll(self, wait_s: float) -> dict[str, Any]:
+        try:
+            return await self.handle.poll.remote(self.task_id, self.cursor, wait_s)
+        except ray.exceptions.RayActorError:
+            return {
+                "events": [(self.cursor, "error", {
+                    "code": ErrorCode.WORKER_RESET.value,
+                    "message": f"pool '{self.pool_id}' was lost while serving this task; resubmit it",
+                    "retriable": True,
+                    "pool_id": self.pool_id,
+                })],
+                "done": True,
+            }
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, str, dict[str, Any]]]]:
+        """Yields event batches; an empty batch means 'still running, nothing new' (keepalive)."""
+        result = self.first if self.first is not None else await self.poll(0.0)
+        first = True
+        while True:
+            if "error" in result:  # the task expired between polls
+                yield [(self.cursor, "error", result["error"])]
+                return
+            events = result["events"]
+            if events:
+                self.cursor = events[-1][0] + 1
+                yield events
+            elif not result["done"] and not first:
+                yield []
+            if result["done"]:
+                return
+            first = False
+            result = await self.poll(POLL_WAIT_S)

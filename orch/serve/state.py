@@ -1,0 +1,25 @@
+"""What the ingress's routes share: config, the pool registry, the task service, and the
+handles of the orchestrator's singleton actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from orch.config import OrchConfig
+from orch.serve.registry import PoolRegistry
+from orch.serve.service import SessionGate, TaskService
+
+
+@dataclass
+class IngressState:
+    config: OrchConfig
+    registry: PoolRegistry
+    sessions: Optional[SessionGate] = None
+    #: Handle of the artifact actor (None: artifacts not reachable from this process).
+    artifacts: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    service: TaskService = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.service = TaskService(self.registry, self.sessions)
