@@ -60,11 +60,12 @@ def home_config(**pool_overrides: Any) -> dict[str, Any]:
     return data
 
 
-def wait_ready(client: httpx.Client, timeout_s: float = 60.0) -> None:
+def wait_ready(client: httpx.Client, timeout_s: float = 60.0, token: str | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     last = None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     while time.monotonic() < deadline:
-        last = client.get("/readyz")
+        last = client.get("/readyz", headers=headers)
         if last.status_code == 200:
             return
         time.sleep(0.1)
@@ -99,7 +100,7 @@ def deploy(serve_port) -> Iterator[Callable[..., httpx.Client]]:
         base = f"http://{HOST}:{serve_port}{route_prefix.rstrip('/')}"
         client = httpx.Client(base_url=base, timeout=httpx.Timeout(60.0))
         deployed.append((name, parsed, client))
-        wait_ready(client)
+        wait_ready(client, token=parsed.server.token())
         return client
 
     yield _deploy

@@ -98,9 +98,10 @@ def place(
         and (overrides.require_device_mask is None or p.device_mask == overrides.require_device_mask)
     ]
     if not candidates:
+        reasons = ", ".join(f"{p.pool_id} ({_why_excluded(p, avoid, overrides.require_device_mask)})" for p in serving)
         raise OrchError(
             ErrorCode.POOL_UNREADY,
-            f"no Ready pool serves {wanted} within the placement constraints; retry shortly",
+            f"no pool can take work for {wanted} now: {reasons}; retry shortly",
             retriable=True,
             retry_after_ms=1000,
             engine=engine,
@@ -176,6 +177,16 @@ def _place_pinned(
             engine=pool.engine,
         )
     return PlacementDecision(pool.pool_id, pinned=True, candidates_considered=1)
+
+
+def _why_excluded(pool: PoolView, avoid: set[str], device_mask: Optional[str]) -> str:
+    if pool.pool_id in avoid:
+        return "avoided"
+    if device_mask is not None and pool.device_mask != device_mask:
+        return f"device mask {pool.device_mask!r}"
+    if pool.draining:
+        return "draining"
+    return "not Ready"
 
 
 def _describe(engine: Optional[str], model_ref: Optional[str], workload: str = "completion") -> str:

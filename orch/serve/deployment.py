@@ -34,7 +34,7 @@ log = logging.getLogger("orch.ingress")
 class OrchIngress:
     async def __init__(self, config: dict[str, Any]) -> None:
         self.config = parse_config(config, "ingress config")
-        check_bind_auth(self.config, _proxy_host(self.config.server.host))
+        _check_auth_seam(self.config)
         handles = await asyncio.to_thread(ensure_pools, self.config)
         self.state = IngressState(
             self.config,
@@ -47,12 +47,20 @@ class OrchIngress:
 
 
 def build_application(config: OrchConfig, num_replicas: int | None = None) -> Application:
+    _check_auth_seam(config)
     if ray.is_initialized():
         check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
     return OrchIngress.options(
         num_replicas=num_replicas or config.server.num_replicas,
         ray_actor_options={"num_cpus": config.server.replica_num_cpus},
     ).bind(to_wire(config))
+
+
+def _check_auth_seam(config: OrchConfig) -> None:
+    """Refuse to serve beyond loopback without a token, whether the orchestrator config or
+    the Serve proxy's bind address says so."""
+    check_bind_auth(config, config.server.host)
+    check_bind_auth(config, _proxy_host(config.server.host))
 
 
 def _proxy_host(configured: str) -> str:

@@ -68,7 +68,8 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
                 engine_version=row.get("engine_version", ""),
                 model=row.get("model_ref", pool.model),
                 ctx_max=row.get("ctx_max", 0),
-                max_tokens_out=pool.max_tokens_out,
+                # Without a configured cap, output is bounded only by the context.
+                max_tokens_out=pool.max_tokens_out or row.get("ctx_max", 0),
                 slots=pool.slots,
                 workloads=list(row.get("workloads", ("completion",))),
                 features=pool_features(row),
