@@ -2,8 +2,8 @@
 
 Only Ready pools that are not draining and that serve the asked engine and model are
 candidates. A pin never falls back. Preferred pools win when one is eligible; avoided pools
-are never chosen. Among candidates the order is: most free VRAM, then fewest active slots,
-then pool id, so the same snapshot always gives the same answer. A session stays on the pool
+are never chosen. Among candidates the order is: most free VRAM, then least work (active
+slots plus queued tasks), then pool id, so the same snapshot always gives the same answer. A session stays on the pool
 that served its last turn while that pool is a candidate.
 """
 
@@ -59,7 +59,12 @@ class PlacementDecision:
 
 
 def rank_key(pool: PoolView) -> tuple[int, int, str]:
-    return (-pool.vram_free_bytes, pool.active_slots, pool.pool_id)
+    """Most free VRAM, then least work (slots in use plus tasks already queued), then id.
+
+    Counting queued tasks with the active slots keeps a pool whose slots are all busy from
+    attracting every newcomer while an equal pool sits idle.
+    """
+    return (-pool.vram_free_bytes, pool.active_slots + pool.queue_depth, pool.pool_id)
 
 
 def best(pools: Iterable[PoolView]) -> PoolView:

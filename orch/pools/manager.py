@@ -24,6 +24,7 @@ from orch.core.errors import OrchError
 from orch.core.queue import QueueFullError, QueuePolicy, TaskQueue
 from orch.engines import build_engine
 from orch.engines.base import Engine, EngineError, GenerationParams
+from orch.observability.pool_metrics import PoolMetrics
 from orch.pools.task_record import TaskRecord
 
 log = logging.getLogger("orch.pool")
@@ -69,6 +70,7 @@ class PoolManager:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._service_ms = 1000.0  # moving average of a task's run time
         self._started_lock = asyncio.Lock()
+        self.metrics = PoolMetrics()
         self.counters = {"enqueued": 0, "started": 0, "completed": 0, "cancelled": 0, "rejected": 0, "failed": 0,
                          "dropped": 0, "purged": 0, "reloads": 0, "reload_rollbacks": 0}
 
@@ -139,6 +141,8 @@ class PoolManager:
             "device_mask": None,
             "last_error": self.last_error,
             "service_ms": round(self._service_ms, 1),
+            "queue_depth_by_priority": {p.value: self.queue.depth(p) for p in Priority},
+            "metrics": self.metrics.to_dict(),
             "counters": dict(self.counters),
         }
 
@@ -156,6 +160,9 @@ class PoolManager:
             return self._submit(request, task_id, correlation_id)
         except OrchError as exc:
             self.counters["rejected"] += 1
+            self.metrics.rejected.inc(exc.code.value)
+            if exc.code == ErrorCode.ADMISSION_REJECT:
+                self.metrics.backpressure.inc(self.queue.policy.value)
             return {"error": exc.to_dict()}
 
     def _submit(self, request: Union[TaskRequest, EmbeddingRequest], task_id: str, correlation_id: Optional[str]) -> dict[str, Any]:
@@ -180,6 +187,7 @@ class PoolManager:
         record.predicted_start_ms = self._predicted_start_ms(outcome.position)
         self.tasks[task_id] = record
         self.counters["enqueued"] += 1
+        self.metrics.enqueued.inc(record.priority)
         if outcome.dropped is not None:
             self._drop(outcome.dropped)
         self._work.set()
@@ -282,6 +290,7 @@ class PoolManager:
         if record is None:
             return
         self.counters["dropped"] += 1
+        self.metrics.backpressure.inc(self.queue.policy.value)
         record.push("error", self._error_payload(
             ErrorCode.QUEUE_FULL_DROP_LRU,
             f"dropped from the full queue of pool '{self.pool_id}' to make room for newer work (policy drop-lru)",
@@ -315,6 +324,7 @@ class PoolManager:
         if cut is None:  # already over and fully streamed: nothing to stop
             return {"found": True, "was_queued": False, "tokens_sent": record.tokens_out, "acknowledged": True}
         self.counters["cancelled"] += 1
+        self.metrics.canceled.inc(record.priority)
         acknowledged = await record.wait_acknowledged(cut, CANCEL_ACK_TIMEOUT_S)
         return {
             "found": True,
@@ -356,6 +366,7 @@ class PoolManager:
         record.state = "running"
         record.started_at = now
         self.counters["started"] += 1
+        self.metrics.started.inc(record.priority)
         if record.inputs is not None:
             await self._run_embedding(record, slot)
             return
@@ -376,6 +387,8 @@ class PoolManager:
             if record.deadline_at is not None and time.monotonic() >= record.deadline_at:
                 deadline_hit = True
                 return False
+            if record.tokens_out == 0:
+                self.metrics.first_token(record.priority, (time.monotonic() - record.admitted_at) * 1000)
             return record.push_token(text)
 
         try:
@@ -444,6 +457,11 @@ class PoolManager:
             session_id=record.session_id,
             correlation_id=record.correlation_id,
         )
+        self.metrics.finished.inc("end" if kind == "end" else str(data.get("code", "error")))
+        self.metrics.tokens.inc("in", record.prompt_tokens)
+        self.metrics.tokens.inc("out", record.tokens_out)
+        if record.started_at is not None:
+            self.metrics.decoded(record.priority, self._decode_ms(record))
         summary = {
             "task_id": record.task_id,
             "pool_id": self.pool_id,

@@ -18,12 +18,16 @@ from ray.serve import Application
 
 from orch.artifacts.actor import artifact_actor
 from orch.config import ConfigError, OrchConfig, check_bind_auth, check_gpu_capacity, load_config, parse_config, to_wire
+from orch.observability.actor import metrics_actor
 from orch.pools.actor import ensure_pools
 from orch.serve.app import build_app
 from orch.serve.registry import PoolRegistry
 from orch.serve.state import IngressState
 
 log = logging.getLogger("orch.ingress")
+
+#: Seconds between flushes of a replica's ingress-side counters to the shared totals.
+METRICS_FLUSH_S = 1.0
 
 
 @serve.deployment(
@@ -40,7 +44,21 @@ class OrchIngress:
             self.config,
             PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s),
             artifacts=artifact_actor(self.config.artifacts.root, self.config.namespace),
+            metrics=metrics_actor(self.config.namespace),
         )
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_counters())
+
+    async def _flush_counters(self) -> None:
+        """Send this replica's placement counts to the shared totals about once a second."""
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_S)
+            deltas = self.state.counters.take_deltas()
+            if deltas is None:
+                continue
+            try:
+                await self.state.metrics.add.remote(deltas)
+            except Exception as exc:  # lost deltas only shift a counter; never stop flushing
+                log.warning("metrics flush failed: %s", exc)
 
     def __serve_build_asgi_app__(self):
         return build_app(self.state)

@@ -118,6 +118,14 @@ class PoolRegistry:
             self.handles[pool_id] = handle
         return handle
 
+    def note_admitted(self, pool_id: str) -> None:
+        """Count a task this replica just queued into its cached row, so decisions made
+        before the next refresh spread over equal pools instead of piling onto one."""
+        row = self._rows.get(pool_id)
+        if row is not None:
+            self._rows = dict(self._rows)
+            self._rows[pool_id] = dict(row, queue_depth=row.get("queue_depth", 0) + 1)
+
     # -- task locator --------------------------------------------------------------------
     def remember(self, task_id: str, pool_id: str) -> None:
         self._locations[task_id] = pool_id

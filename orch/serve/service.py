@@ -17,6 +17,7 @@ from orch.api.errors import ErrorCode
 from orch.api.tasks import EmbeddingRequest, TaskRequest
 from orch.core.errors import OrchError
 from orch.core.placement import PlacementDecision, place
+from orch.observability.ingress_metrics import IngressCounters
 from orch.serve.registry import PoolRegistry
 
 log = logging.getLogger("orch.ingress")
@@ -47,9 +48,12 @@ class Admitted:
 
 
 class TaskService:
-    def __init__(self, registry: PoolRegistry, sessions: Optional[SessionGate] = None) -> None:
+    def __init__(
+        self, registry: PoolRegistry, sessions: Optional[SessionGate] = None, counters: Optional[IngressCounters] = None
+    ) -> None:
         self.registry = registry
         self.sessions = sessions
+        self.counters = counters or IngressCounters()
 
     async def admit(self, task: AnyTask, correlation_id: Optional[str] = None) -> Admitted:
         """Budgets, placement and the pool's admission, in that order; raises OrchError."""
@@ -57,14 +61,19 @@ class TaskService:
         if task.session_id and self.sessions is not None:
             session_pool_id = await self.sessions.before_admit(task.session_id, task)
         views = await self.registry.views()
-        decision = place(
-            views,
-            engine=task.engine.value if task.engine else None,
-            model_ref=task.model_ref,
-            overrides=task.placement,
-            session_pool_id=session_pool_id,
-            workload=task.workload.value,
-        )
+        try:
+            decision = place(
+                views,
+                engine=task.engine.value if task.engine else None,
+                model_ref=task.model_ref,
+                overrides=task.placement,
+                session_pool_id=session_pool_id,
+                workload=task.workload.value,
+            )
+        except OrchError as exc:
+            self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
+            raise
+        self.counters.placed(decision)
         task_id = task.task_id or uuid.uuid4().hex
         try:
             result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id)
@@ -79,6 +88,7 @@ class TaskService:
         if "error" in result:
             raise OrchError.from_dict(result["error"])
         self.registry.remember(task_id, decision.pool_id)
+        self.registry.note_admitted(decision.pool_id)
         if task.session_id and self.sessions is not None:
             await self.sessions.after_admit(task.session_id, decision.pool_id, decision)
         return Admitted(task_id, decision.pool_id, decision, result)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from orch.config import OrchConfig
+from orch.observability.ingress_metrics import IngressCounters
 from orch.serve.registry import PoolRegistry
 from orch.serve.service import SessionGate, TaskService
 
@@ -18,8 +19,11 @@ class IngressState:
     sessions: Optional[SessionGate] = None
     #: Handle of the artifact actor (None: artifacts not reachable from this process).
     artifacts: Any = None
+    #: Handle of the metrics actor that totals the ingress-side series of every replica.
+    metrics: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    counters: IngressCounters = field(default_factory=IngressCounters)
     service: TaskService = field(init=False)
 
     def __post_init__(self) -> None:
-        self.service = TaskService(self.registry, self.sessions)
+        self.service = TaskService(self.registry, self.sessions, self.counters)

@@ -255,6 +255,14 @@ def test_order_then_fewest_active_slots():
     assert place(pools).pool_id == "b"
 
 
+def test_queued_work_counts_with_active_slots():
+    pools = [
+        pool("busy", vram_free_bytes=GiB, active_slots=1, queue_depth=4),
+        pool("idle", vram_free_bytes=GiB, active_slots=1, queue_depth=0),
+    ]
+    assert place(pools).pool_id == "idle"
+
+
 def test_order_then_pool_id():
     pools = [pool("zeta"), pool("alpha"), pool("mu")]
     assert place(pools).pool_id == "alpha"
@@ -263,6 +271,7 @@ def test_order_then_pool_id():
 
 def test_rank_key_is_the_documented_order():
     assert rank_key(pool("a", vram_free_bytes=5, active_slots=2)) == (-5, 2, "a")
+    assert rank_key(pool("a", vram_free_bytes=5, active_slots=2, queue_depth=3)) == (-5, 5, "a")
     ranked = sorted(
         [pool("b", vram_free_bytes=5, active_slots=1), pool("a", vram_free_bytes=5, active_slots=1),
          pool("c", vram_free_bytes=9, active_slots=3), pool("d", vram_free_bytes=5, active_slots=0)],
@@ -333,7 +342,7 @@ SESSIONS = st.sampled_from([None, "ghost"] + POOL_IDS)
 
 def expected_key(p: PoolView) -> tuple[int, int, str]:
     """The documented order, written out here rather than taken from the module."""
-    return (-p.vram_free_bytes, p.active_slots, p.pool_id)
+    return (-p.vram_free_bytes, p.active_slots + p.queue_depth, p.pool_id)
 
 
 def outcome(pools, **kw):

@@ -6,6 +6,8 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from orch.observability.exposition import render
+
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
 
@@ -44,7 +46,20 @@ def routes(state: IngressState) -> list[ApiRoute]:
         ready = any(p["ready"] and not p["draining"] for p in pools.values())
         return JSONResponse({"ready": ready, "pools": pools}, status_code=200 if ready else 503)
 
+    async def metrics(request: Request) -> Response:
+        rows = await registry.rows()
+        totals: dict = {}
+        if state.metrics is not None:
+            try:
+                totals = await state.metrics.read.remote()
+            except Exception:  # the totals actor is restarting: pools' series still count
+                totals = {}
+        catalog = state.extras.get("catalog_verifications", {})
+        return Response(render(rows, totals, catalog), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     return [
+        ApiRoute("GET", "/metrics", metrics, "Prometheus metrics of every pool and of placement", "operations",
+                 answers={200: ("text/plain", "Prometheus text exposition")}, errors=(401,)),
         ApiRoute("GET", "/healthz", healthz, "Liveness of the ingress", "operations", answers={200: Health}, errors=()),
         ApiRoute("GET", "/readyz", readyz, "Readiness: some pool admits work", "operations",
                  answers={200: Readiness, 503: Readiness}, errors=()),

@@ -1,0 +1,102 @@
+"""Prometheus text for the whole orchestrator, built from pool snapshots and the ingress
+totals at scrape time (the ingress is the single scrape target)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from orch.observability.names import METRICS
+
+HELP = {
+    "tasks_enqueued_total": "Tasks admitted into a pool's queue.",
+    "tasks_started_total": "Tasks that began running on a slot.",
+    "tasks_canceled_total": "Tasks cancelled by a client.",
+    "tasks_rejected_total": "Requests a pool refused, by error code.",
+    "tasks_finished_total": "Tasks that ended, by outcome (end or the error code).",
+    "admission_backpressure_events_total": "Queue-full events (429s and drop-lru evictions), by policy.",
+    "tokens_in_total": "Prompt tokens read.",
+    "tokens_out_total": "Tokens generated and streamed.",
+    "queue_depth": "Tasks waiting in a pool's queue.",
+    "slots_active": "Slots running a task.",
+    "slots_total": "Slots of a pool.",
+    "kv_cache_usage_ratio": "Share of the KV cache in use (slots in use / slots for in-process llama.cpp).",
+    "gpu_utilization": "GPU utilisation reported by the pool (0 without GPUs).",
+    "vram_used_bytes": "VRAM in use on the pool's devices.",
+    "model_state": "1 for the model each pool serves, with its state.",
+    "latency_first_token_ms": "Time from admission to the first token, milliseconds.",
+    "latency_decode_ms": "Time from a task's start to its end, milliseconds.",
+    "placement_decisions_total": "Placement decisions by outcome, pin and fallback.",
+    "placement_candidates_considered": "Pools a placement decision considered.",
+    "catalog_verifications_total": "Catalog digest verifications by result.",
+}
+
+
+def _family(name: str) -> Metric:
+    kind, labels = METRICS[name]
+    base = name.removesuffix("_total") if kind == "counter" else name
+    cls = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}[kind]
+    return cls(base, HELP[name], labels=list(labels))
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], data: dict[str, Any]) -> None:
+    cumulative, running = [], 0
+    for bound, count in zip(data["buckets"], data["counts"]):
+        running += count
+        cumulative.append((str(float(bound)), running))
+    running += data["counts"][-1]
+    cumulative.append(("+Inf", running))
+    family.add_metric(labels, cumulative, sum_value=data["sum"])
+
+
+def families(rows: dict[str, dict[str, Any]], ingress: dict[str, Any], catalog: dict[str, float]) -> list[Metric]:
+    out = {name: _family(name) for name in METRICS}
+    for pool_id, row in sorted(rows.items()):
+        base = [pool_id, row.get("engine", ""), row.get("engine_version", ""), str(row.get("replica_id", "0"))]
+        metrics = row.get("metrics", {})
+        for name, key in (("tasks_enqueued_total", "enqueued"), ("tasks_started_total", "started"),
+                          ("tasks_canceled_total", "canceled"), ("tasks_rejected_total", "rejected"),
+                          ("tasks_finished_total", "finished"), ("admission_backpressure_events_total", "backpressure")):
+            for label, value in sorted(metrics.get(key, {}).items()):
+                out[name].add_metric(base + [label], value)
+        tokens = metrics.get("tokens", {})
+        out["tokens_in_total"].add_metric(base, tokens.get("in", 0))
+        out["tokens_out_total"].add_metric(base, tokens.get("out", 0))
+        for priority, depth in sorted(row.get("queue_depth_by_priority", {}).items()):
+            out["queue_depth"].add_metric(base + [priority], depth)
+        slots = max(1, row.get("slots", 1))
+        out["slots_active"].add_metric(base, row.get("active_slots", 0))
+        out["slots_total"].add_metric(base, row.get("slots", 0))
+        out["kv_cache_usage_ratio"].add_metric(base, row.get("active_slots", 0) / slots)
+        device = row.get("device_mask") or "cpu"
+        out["gpu_utilization"].add_metric(base + [device], row.get("gpu_utilization", 0.0))
+        used = max(0, row.get("vram_total_bytes", 0) - row.get("vram_free_bytes", 0))
+        out["vram_used_bytes"].add_metric(base + [device], used)
+        state = "Ready" if row.get("ready") else ("Draining" if row.get("draining") else "Unready")
+        out["model_state"].add_metric([pool_id, row.get("model_ref", ""), state], 1)
+        for name, key in (("latency_first_token_ms", "first_token_ms"), ("latency_decode_ms", "decode_ms")):
+            for priority, data in sorted(metrics.get(key, {}).items()):
+                _histogram(out[name], base + [priority], data)
+    for key, value in sorted((tuple(k), v) for k, v in ingress.get("decisions", [])):
+        out["placement_decisions_total"].add_metric(list(key), value)
+    if ingress.get("candidates"):
+        _histogram(out["placement_candidates_considered"], [], ingress["candidates"])
+    for result, value in sorted(catalog.items()):
+        out["catalog_verifications_total"].add_metric([result], value)
+    return list(out.values())
+
+
+class _Snapshot:
+    def __init__(self, metrics: Iterable[Metric]) -> None:
+        self.metrics = list(metrics)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.metrics
+
+
+def render(rows: dict[str, dict[str, Any]], ingress: dict[str, Any], catalog: dict[str, float] | None = None) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(families(rows, ingress, catalog or {})))
+    return generate_latest(registry)
