@@ -8,6 +8,7 @@ so submit, poll and cancel stay fast while tokens are being generated.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
@@ -307,6 +308,38 @@ class PoolManager:
     def has_task(self, task_id: str) -> bool:
         return task_id in self.tasks
 
+    def recent_tasks(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The newest tasks, newest first, for an operator's status view: ids, state and
+        progress only, never prompt text, so the answer is safe to show anyone who may
+        see the pool."""
+        now = time.monotonic()
+        newest = heapq.nlargest(max(0, limit), self.tasks.values(), key=lambda record: record.admitted_at)
+        positions = self._queue_positions({r.task_id for r in newest if r.state == "queued" and not r.terminal})
+        return [
+            {
+                "task_id": record.task_id,
+                "pool_id": self.pool_id,
+                "state": _task_state(record),
+                "priority": record.priority,
+                "tokens_out": record.tokens_out,
+                "queue_position": positions.get(record.task_id),
+                "age_ms": int((now - record.admitted_at) * 1000),
+            }
+            for record in newest
+        ]
+
+    def _queue_positions(self, wanted: set[str]) -> dict[str, int]:
+        """Tasks ahead of each wanted task, in one walk of the queue that stops once all are found."""
+        found: dict[str, int] = {}
+        if not wanted:
+            return found
+        for ahead, task_id in enumerate(self.queue.ids()):
+            if task_id in wanted:
+                found[task_id] = ahead
+                if len(found) == len(wanted):
+                    break
+        return found
+
     async def poll(self, task_id: str, cursor: int, wait_s: float) -> dict[str, Any]:
         record = self.tasks.get(task_id)
         if record is None:
@@ -367,6 +400,9 @@ class PoolManager:
         record.started_at = now
         self.counters["started"] += 1
         self.metrics.started.inc(record.priority)
+        waited = int((now - record.admitted_at) * 1000)
+        log.info("started after %d ms queued", waited, extra=self._log_context(record, human=(
+            f"Started on pool {self.pool_id} after waiting {waited} ms in the queue.")))
         if record.inputs is not None:
             await self._run_embedding(record, slot)
             return
@@ -458,6 +494,7 @@ class PoolManager:
             correlation_id=record.correlation_id,
         )
         self.metrics.finished.inc("end" if kind == "end" else str(data.get("code", "error")))
+        log.info("%s", kind, extra=self._log_context(record, human=self._ending_sentence(record, kind, data)))
         self.metrics.tokens.inc("in", record.prompt_tokens)
         self.metrics.tokens.inc("out", record.tokens_out)
         if record.started_at is not None:
@@ -538,7 +575,7 @@ class PoolManager:
         engine was never touched and dispatch resumes on it.
         """
         async with self._control_lock:
-            old_engine, old_ref, old_aliases = self.engine, self.model_ref, self.model_aliases
+            old_engine, old_ref = self.engine, self.model_ref
             if old_engine is None:
                 return await self._first_load(new_model_ref)
             self._dispatch_open.clear()
@@ -610,6 +647,20 @@ class PoolManager:
         snap["live"] = True
         return snap
 
+    def _log_context(self, record: TaskRecord, human: str) -> dict[str, Any]:
+        return {"task_id": record.task_id, "session_id": record.session_id, "pool_id": self.pool_id,
+                "engine": self.config.engine.value, "correlation_id": record.correlation_id, "human": human}
+
+    def _ending_sentence(self, record: TaskRecord, kind: str, data: dict[str, Any]) -> str:
+        if kind == "end" and data.get("finish_reason") == FinishReason.cancelled.value:
+            return f"Cancelled on pool {self.pool_id} after {record.tokens_out} token(s)."
+        if kind == "end":
+            if record.inputs is not None:
+                return f"Embedded {len(record.inputs)} input(s) on pool {self.pool_id}."
+            return (f"Finished on pool {self.pool_id}: {record.tokens_out} token(s) in "
+                    f"{self._decode_ms(record)} ms ({data.get('finish_reason', 'done')}).")
+        return f"Failed on pool {self.pool_id} after {record.tokens_out} token(s): {data.get('message', 'error')}"
+
     @staticmethod
     def _decode_ms(record: TaskRecord) -> int:
         if record.started_at is None:
@@ -629,6 +680,17 @@ class PoolManager:
                 expired.update(r.task_id for r in rest[:overflow])
             for task_id in expired:
                 self.tasks.pop(task_id, None)
+
+
+
+def _task_state(record: TaskRecord) -> str:
+    """queued, running, ended, error or cancelled: how the task's own events say it finished."""
+    if not record.terminal:
+        return "running" if record.state == "running" else "queued"
+    kind, data = record.events[-1]
+    if kind == "error":
+        return "error"
+    return "cancelled" if data.get("finish_reason") == FinishReason.cancelled.value else "ended"
 
 
 def _without_vectors(data: dict[str, Any]) -> dict[str, Any]:

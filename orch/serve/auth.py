@@ -17,6 +17,7 @@ from typing import Optional
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orch.api.errors import ErrorCode
+from orch.observability.logs import bind
 
 log = logging.getLogger("orch.access")
 
@@ -65,6 +66,7 @@ class AuthMiddleware:
             return
         state = scope.setdefault("state", {})
         loopback = _client_is_loopback(scope)
+        state["identity"] = None
         if self._digest is None or (self.loopback_bypass and loopback) or scope.get("path") in OPEN_PATHS:
             state["identity"] = "localhost" if loopback else "anonymous"
             await self.app(scope, receive, _logged(scope, send))
@@ -90,6 +92,7 @@ def _logged(scope: Scope, send: Send) -> Send:
     async def send_and_log(message) -> None:
         if message["type"] == "http.response.start":
             state = scope.get("state", {})
+            bind(identity=state.get("identity"))
             level = logging.DEBUG if scope.get("path") in QUIET_PATHS else logging.INFO
             log.log(level, "%s %s %s identity=%s correlation_id=%s", scope.get("method"), scope.get("path"),
                     message.get("status"), state.get("identity"), state.get("correlation_id"))

@@ -19,10 +19,12 @@ from ray.serve import Application
 from orch.artifacts.actor import artifact_actor
 from orch.config import ConfigError, OrchConfig, check_bind_auth, check_gpu_capacity, load_config, parse_config, to_wire
 from orch.observability.actor import metrics_actor
+from orch.observability.logs import configure_logging
 from orch.pools.actor import ensure_pools
 from orch.serve.app import build_app
 from orch.serve.registry import PoolRegistry
 from orch.serve.state import IngressState
+from orch.sessions.gate import SessionsGate
 
 log = logging.getLogger("orch.ingress")
 
@@ -37,12 +39,14 @@ METRICS_FLUSH_S = 1.0
 @serve.ingress()
 class OrchIngress:
     async def __init__(self, config: dict[str, Any]) -> None:
+        configure_logging()
         self.config = parse_config(config, "ingress config")
         _check_auth_seam(self.config)
         handles = await asyncio.to_thread(ensure_pools, self.config)
         self.state = IngressState(
             self.config,
             PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s),
+            sessions=SessionsGate(self.config.namespace, self.config.sessions),
             artifacts=artifact_actor(self.config.artifacts.root, self.config.namespace),
             metrics=metrics_actor(self.config.namespace),
         )

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orch.api.errors import ErrorCode
 from orch.core.errors import OrchError
+from orch.observability.logs import bind
 
 CORRELATION_HEADER = "x-correlation-id"
 _CORRELATION_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -40,6 +41,7 @@ class CorrelationIdMiddleware:
                 break
         correlation_id = given if given and _CORRELATION_OK.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["correlation_id"] = correlation_id
+        bind(correlation_id=correlation_id)
         raw = correlation_id.encode()
 
         async def send_with_id(message: Message) -> None:

@@ -18,6 +18,7 @@ from orch.api.tasks import EmbeddingRequest, TaskRequest
 from orch.core.errors import OrchError
 from orch.core.placement import PlacementDecision, place
 from orch.observability.ingress_metrics import IngressCounters
+from orch.observability.logs import bind
 from orch.serve.registry import PoolRegistry
 
 log = logging.getLogger("orch.ingress")
@@ -57,6 +58,8 @@ class TaskService:
 
     async def admit(self, task: AnyTask, correlation_id: Optional[str] = None) -> Admitted:
         """Budgets, placement and the pool's admission, in that order; raises OrchError."""
+        task_id = task.task_id or uuid.uuid4().hex
+        bind(task_id=task_id, session_id=task.session_id)
         session_pool_id = None
         if task.session_id and self.sessions is not None:
             session_pool_id = await self.sessions.before_admit(task.session_id, task)
@@ -74,7 +77,10 @@ class TaskService:
             self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
             raise
         self.counters.placed(decision)
-        task_id = task.task_id or uuid.uuid4().hex
+        log.info("placed on %s", decision.pool_id, extra={
+            "pool_id": decision.pool_id, "session_id": task.session_id,
+            "human": _placement_sentence(decision)})
+        bind(pool_id=decision.pool_id)
         try:
             result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id)
         except ray.exceptions.RayActorError:
@@ -89,6 +95,8 @@ class TaskService:
             raise OrchError.from_dict(result["error"])
         self.registry.remember(task_id, decision.pool_id)
         self.registry.note_admitted(decision.pool_id)
+        log.info("admitted at position %d", result["queue_position"], extra={
+            "human": _admission_sentence(decision.pool_id, result)})
         if task.session_id and self.sessions is not None:
             await self.sessions.after_admit(task.session_id, decision.pool_id, decision)
         return Admitted(task_id, decision.pool_id, decision, result)
@@ -119,6 +127,27 @@ class TaskService:
         if not result.get("found"):
             raise OrchError(ErrorCode.NOT_FOUND, f"no task '{task_id}'")
         return result
+
+
+def _placement_sentence(decision: PlacementDecision) -> str:
+    if decision.pinned:
+        return f"Sent to pool {decision.pool_id}, as the request pinned it."
+    if decision.session_affinity:
+        return f"Kept on pool {decision.pool_id}, where this session's last turn ran."
+    if decision.fallback:
+        return f"None of the preferred pools could take it, so it went to pool {decision.pool_id}."
+    others = decision.candidates_considered - 1
+    if others <= 0:
+        return f"Placed on pool {decision.pool_id}, the only pool able to take it."
+    return f"Placed on pool {decision.pool_id}, the least busy of {decision.candidates_considered} ready pools."
+
+
+def _admission_sentence(pool_id: str, result: dict[str, Any]) -> str:
+    position = result["queue_position"]
+    if position == 0 and result["predicted_start_ms"] == 0:
+        return f"Accepted by pool {pool_id}; it starts right away."
+    return (f"Accepted by pool {pool_id} with {position} task(s) ahead; "
+            f"expected to start in about {result['predicted_start_ms']} ms.")
 
 
 class TaskStream:
