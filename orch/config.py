@@ -28,7 +28,7 @@ from orch.api.tasks import ID_PATTERN, Engine
 from orch.core.queue import QueuePolicy
 
 #: Engines a pool can host today.
-POOL_ENGINES = (Engine.llamacpp, Engine.mock)
+POOL_ENGINES = (Engine.llamacpp, Engine.vllm, Engine.mock)
 
 
 class ConfigError(ValueError):
@@ -68,6 +68,15 @@ class PoolConfig(_Strict):
     engine_options: dict[str, Any] = Field(default_factory=dict)
     #: Seconds a finished task's events stay available to late or resuming streams.
     retain_finished_s: float = Field(default=300, gt=0)
+    #: Identical pools to run; more than one makes a replica set whose members are named
+    #: ``<id>-0``, ``<id>-1``... (a pin to ``<id>`` takes any member).
+    replicas: int = Field(default=1, ge=1, le=256)
+    #: The replica set a pool belongs to (set when ``replicas`` is expanded; defaults to the id).
+    replica_set: Optional[str] = Field(default=None, pattern=ID_PATTERN)
+    #: Extra Ray resources the pool actor asks for (custom node labels, accelerator types).
+    resources: dict[str, float] = Field(default_factory=dict)
+    #: Ray node id the pool must run on; none: wherever its resources fit.
+    node_id: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{56}$")
 
     @model_validator(mode="after")
     def _gpu_policy(self) -> "PoolConfig":
@@ -146,12 +155,129 @@ class ArtifactsConfig(_Strict):
         return str(Path(value).expanduser().resolve())
 
 
+#: Schemes the outbound policy can allow (the ref forms that fetch over the network).
+FETCH_SCHEMES = ("hf", "https", "http", "s3", "oci")
+
+
+class OutboundPolicy(_Strict):
+    """What model provisioning may fetch from the network."""
+
+    #: Off: every ref that needs a download is refused at once; local files still work.
+    allow_downloads: bool = True
+    #: Hosts downloads may reach (``example.com``, or ``*.example.com`` for its subdomains);
+    #: empty: any host. Hub downloads redirect to CDN hosts, which must be listed too.
+    allowed_hosts: list[str] = Field(default_factory=list, max_length=256)
+    #: Ref schemes that may be fetched. Plain ``http`` only ever reaches loopback hosts.
+    allowed_schemes: list[str] = Field(default_factory=lambda: list(FETCH_SCHEMES), min_length=1)
+    #: Seconds any single network operation may take: a connect, or a read that gets no byte.
+    timeout_s: float = Field(default=30, gt=0, le=600)
+    #: PEM bundle of the CAs trusted for https downloads (a private mirror); none: the system's.
+    ca_bundle: Optional[str] = None
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: list[str]) -> list[str]:
+        import re
+
+        pattern = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$|^[0-9a-f:.]+$")
+        out = []
+        for host in value:
+            lowered = host.strip().lower()
+            if not pattern.match(lowered):
+                raise ValueError(f"allowed host {host!r} must be a host name, an IP address or *.domain (no scheme, port or path)")
+            out.append(lowered)
+        return out
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _known_schemes(cls, value: list[str]) -> list[str]:
+        for scheme in value:
+            if scheme not in FETCH_SCHEMES:
+                raise ValueError(f"scheme {scheme!r} is not a fetch scheme; choose from {', '.join(FETCH_SCHEMES)}")
+        return value
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _absolute_bundle(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+
+class CatalogConfig(_Strict):
+    #: Where the catalog's records and index live; relative paths are taken from the
+    #: directory the service is started in (like ``artifacts.root``).
+    root: str = Field(default=".runtime/catalog", validate_default=True, min_length=1)
+    #: Where downloaded models are cached on each node that provisions one.
+    model_cache: str = Field(default=".runtime/models", validate_default=True, min_length=1)
+    outbound: OutboundPolicy = OutboundPolicy()
+    #: The Hugging Face Hub endpoint for ``hf:`` refs (a mirror); none: huggingface-hub's
+    #: own default, which honours ``HF_ENDPOINT``.
+    hf_endpoint: Optional[str] = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    #: Longest a provisioning request waits for its download before answering.
+    provision_timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+
+    @field_validator("root", "model_cache")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).expanduser().resolve())
+
+
+class SessionBudgetsConfig(_Strict):
+    """Limits per session; a budget left out is not limited."""
+
+    #: tokens_in + tokens_out over the session's turns.
+    tokens: Optional[int] = Field(default=None, ge=1)
+    #: decode_time_ms over the session's turns.
+    time_ms: Optional[int] = Field(default=None, ge=1)
+    #: Spend over the session's turns, in the unit of the prices below.
+    cost: Optional[float] = Field(default=None, gt=0)
+    cost_per_1k_tokens_in: float = Field(default=0, ge=0)
+    cost_per_1k_tokens_out: float = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _priced(self) -> "SessionBudgetsConfig":
+        if self.cost is not None and self.cost_per_1k_tokens_in == 0 and self.cost_per_1k_tokens_out == 0:
+            raise ValueError("a cost budget needs a price: set cost_per_1k_tokens_in and/or cost_per_1k_tokens_out")
+        return self
+
+
+class SessionsConfig(_Strict):
+    #: Seconds a session lives after its last activity (a turn admitted or finished).
+    ttl_s: float = Field(default=600, gt=0, le=30 * 24 * 3600)
+    #: Tasks a session may run; the next one is refused with BUDGET_EXCEEDED.
+    max_turns: int = Field(default=8, ge=1, le=1_000_000)
+    budgets: Optional[SessionBudgetsConfig] = None
+
+
+class SupervisionConfig(_Strict):
+    """How the supervisor restarts failed pools (see orch/core/supervision.py)."""
+
+    #: First restart delay; doubles per consecutive failure up to ``backoff_max_s``.
+    backoff_base_s: float = Field(default=1.0, gt=0, le=3600)
+    backoff_max_s: float = Field(default=60.0, gt=0, le=86400)
+    #: This many failures within ``breaker_window_s`` open the circuit for ``breaker_cooloff_s``.
+    breaker_failures: int = Field(default=5, ge=1, le=1000)
+    breaker_window_s: float = Field(default=300.0, gt=0)
+    breaker_cooloff_s: float = Field(default=600.0, gt=0)
+    #: A pool up this long is healthy again: its failure streak is forgotten.
+    healthy_after_s: float = Field(default=30.0, gt=0)
+
+    def policy(self) -> dict[str, float]:
+        return {
+            "base_s": self.backoff_base_s, "max_s": self.backoff_max_s, "breaker_failures": self.breaker_failures,
+            "breaker_window_s": self.breaker_window_s, "breaker_cooloff_s": self.breaker_cooloff_s,
+            "healthy_after_s": self.healthy_after_s,
+        }
+
+
 class OrchConfig(_Strict):
     version: int = 1
     #: Ray namespace of the pool actors; two orchestrators on one cluster need two.
     namespace: str = Field(default="orch", pattern=ID_PATTERN)
     server: ServerConfig = ServerConfig()
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig)
+    supervision: SupervisionConfig = SupervisionConfig()
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    sessions: SessionsConfig = SessionsConfig()
     pools: list[PoolConfig] = Field(min_length=1)
 
     @field_validator("version")
@@ -160,6 +286,21 @@ class OrchConfig(_Strict):
         if value != 1:
             raise ValueError(f"config version {value} is not supported; this release reads version 1")
         return value
+
+    @model_validator(mode="after")
+    def _expand_replica_sets(self) -> "OrchConfig":
+        """A pool with ``replicas: N`` becomes N pools of one replica set."""
+        if all(pool.replicas == 1 and pool.replica_set for pool in self.pools):
+            return self
+        expanded: list[PoolConfig] = []
+        for pool in self.pools:
+            if pool.replicas == 1:
+                expanded.append(pool if pool.replica_set else pool.model_copy(update={"replica_set": pool.id}))
+                continue
+            for index in range(pool.replicas):
+                expanded.append(pool.model_copy(update={"id": f"{pool.id}-{index}", "replicas": 1, "replica_set": pool.id}))
+        object.__setattr__(self, "pools", expanded)
+        return self
 
     @model_validator(mode="after")
     def _unique_pool_ids(self) -> "OrchConfig":

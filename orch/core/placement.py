@@ -34,6 +34,14 @@ class PoolView:
     queue_depth: int = 0
     device_mask: Optional[str] = None
     workloads: tuple[str, ...] = ("completion",)
+    #: Replica set this pool belongs to (its own id when it is alone).
+    replica_set: Optional[str] = None
+    engine_version: str = ""
+
+    def named(self, names: Iterable[str]) -> bool:
+        """Is this pool named in ``names``, by its id or its replica set's?"""
+        names = set(names)
+        return self.pool_id in names or (self.replica_set is not None and self.replica_set in names)
 
     def serves(self, engine: Optional[str], model_ref: Optional[str], workload: str = "completion") -> bool:
         if workload not in self.workloads:
@@ -95,15 +103,18 @@ def place(
             engine=engine,
         )
     avoid = set(overrides.avoid_pools)
+    mixed = _mixed_version_members(serving)
     candidates = [
         p
         for p in serving
         if p.accepting
-        and p.pool_id not in avoid
+        and not p.named(avoid)
+        and p.pool_id not in mixed
         and (overrides.require_device_mask is None or p.device_mask == overrides.require_device_mask)
     ]
     if not candidates:
-        reasons = ", ".join(f"{p.pool_id} ({_why_excluded(p, avoid, overrides.require_device_mask)})" for p in serving)
+        reasons = ", ".join(f"{p.pool_id} ({_why_excluded(p, avoid, overrides.require_device_mask, mixed)})"
+                            for p in serving)
         raise OrchError(
             ErrorCode.POOL_UNREADY,
             f"no pool can take work for {wanted} now: {reasons}; retry shortly",
@@ -122,7 +133,7 @@ def place(
                 return PlacementDecision(pool.pool_id, session_affinity=True, candidates_considered=considered)
 
     if overrides.prefer_pools:
-        preferred = [p for p in candidates if p.pool_id in set(overrides.prefer_pools)]
+        preferred = [p for p in candidates if p.named(overrides.prefer_pools)]
         if preferred:
             return PlacementDecision(best(preferred).pool_id, candidates_considered=considered)
         if not overrides.allow_fallback:
@@ -147,32 +158,42 @@ def _place_pinned(
     model_ref: Optional[str],
     workload: str = "completion",
 ) -> PlacementDecision:
+    """A pin names a pool, or a replica set (then its best member); it never falls back."""
     pin = overrides.pin_pool_id
-    pool = next((p for p in pools if p.pool_id == pin), None)
-    if pool is None:
+    members = [p for p in pools if p.pool_id == pin] or [p for p in pools if p.replica_set == pin]
+    if not members:
         known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
         raise OrchError(
             ErrorCode.INVALID_PARAMS,
             f"placement.pin_pool_id '{pin}' names no pool; known pools: {known}",
         )
-    if pin in overrides.avoid_pools:
+    if any(p.named(overrides.avoid_pools) for p in members):
         raise OrchError(ErrorCode.INVALID_PARAMS, f"pool '{pin}' is both pinned and avoided")
-    if not pool.serves(engine, model_ref, workload):
+    pool = members[0]
+    if not any(p.serves(engine, model_ref, workload) for p in members):
         raise OrchError(
             ErrorCode.INVALID_PARAMS,
             f"pinned pool '{pin}' serves engine {pool.engine} model {pool.model_ref} "
             f"({', '.join(pool.workloads)}), not {_describe(engine, model_ref, workload)}",
             pool_id=pin,
         )
-    if overrides.require_device_mask is not None and pool.device_mask != overrides.require_device_mask:
+    if overrides.require_device_mask is not None and not any(
+        p.device_mask == overrides.require_device_mask for p in members
+    ):
         raise OrchError(
             ErrorCode.INVALID_PARAMS,
             f"pinned pool '{pin}' has device mask {pool.device_mask!r}, "
             f"not the required {overrides.require_device_mask!r}",
             pool_id=pin,
         )
-    if not pool.accepting:
-        state = "draining" if pool.draining else "not Ready"
+    mixed = _mixed_version_members(pools)
+    accepting = [
+        p for p in members
+        if p.accepting and p.pool_id not in mixed
+        and (overrides.require_device_mask is None or p.device_mask == overrides.require_device_mask)
+    ]
+    if not accepting:
+        state = "draining" if all(p.draining for p in members) else "not Ready"
         raise OrchError(
             ErrorCode.POOL_UNREADY,
             f"pinned pool '{pin}' is {state}; a pin never falls back to another pool",
@@ -181,12 +202,36 @@ def _place_pinned(
             pool_id=pin,
             engine=pool.engine,
         )
-    return PlacementDecision(pool.pool_id, pinned=True, candidates_considered=1)
+    return PlacementDecision(best(accepting).pool_id, pinned=True, candidates_considered=len(accepting))
 
 
-def _why_excluded(pool: PoolView, avoid: set[str], device_mask: Optional[str]) -> str:
-    if pool.pool_id in avoid:
+def _mixed_version_members(pools: Sequence[PoolView]) -> set[str]:
+    """Ready members of a replica set whose engine version differs from the set's own.
+
+    A replica set promises identical output for identical requests, which only holds on
+    one engine version: the version most of its Ready members run (ties: the smallest)
+    stays, the others take no work until they match.
+    """
+    by_set: dict[str, list[PoolView]] = {}
+    for pool in pools:
+        if pool.replica_set and pool.ready and pool.engine_version:
+            by_set.setdefault(pool.replica_set, []).append(pool)
+    odd: set[str] = set()
+    for members in by_set.values():
+        versions = {p.engine_version for p in members}
+        if len(versions) < 2:
+            continue
+        counts = {v: sum(1 for p in members if p.engine_version == v) for v in versions}
+        kept = min(versions, key=lambda v: (-counts[v], v))
+        odd.update(p.pool_id for p in members if p.engine_version != kept)
+    return odd
+
+
+def _why_excluded(pool: PoolView, avoid: set[str], device_mask: Optional[str], mixed: set[str] = frozenset()) -> str:
+    if pool.named(avoid):
         return "avoided"
+    if pool.pool_id in mixed:
+        return f"engine version {pool.engine_version} differs from its replica set's"
     if device_mask is not None and pool.device_mask != device_mask:
         return f"device mask {pool.device_mask!r}"
     if pool.draining:

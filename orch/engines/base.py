@@ -28,7 +28,15 @@ class GenerationParams:
 
 
 class EngineError(RuntimeError):
-    """The engine failed; the pool reports it with the engine's name."""
+    """The engine failed; the pool reports it with the engine's name.
+
+    ``fatal`` marks a failure of the engine itself (driver lost, device error) rather than
+    of one request: the pool stops admitting and its supervisor restarts it.
+    """
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class Engine(ABC):
@@ -72,6 +80,10 @@ class Engine(ABC):
     def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         """One vector per input and the number of tokens read."""
         raise EngineError(f"engine {self.name} does not serve embeddings on this pool")
+
+    def memory_needed(self) -> int:
+        """Bytes the loaded model will hold (weights and KV cache); 0 when unknown."""
+        return 0
 
     def reset_caches(self) -> None:
         """Drop cached KV state (operator purge); the next generation starts cold."""

@@ -126,6 +126,17 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"llama.cpp could not load {self.model_path.name}: {exc}") from exc
         self.metadata = dict(self._contexts[0].metadata)
 
+    def memory_needed(self) -> int:
+        """The mapped weights plus a KV cache per slot (f16, estimated from the file size
+        when the architecture's sizes are not known before loading)."""
+        try:
+            weights = self.model_path.stat().st_size
+        except OSError:
+            return 0
+        ctx = self.requested_ctx or DEFAULT_CTX_CAP
+        kv_per_token = max(16 * 1024, weights // 20_000)
+        return weights + self.slots * ctx * kv_per_token
+
     def count_tokens(self, prompt: str) -> int:
         with self._tokenizer_lock:
             return len(self._contexts[0].tokenize(prompt.encode("utf-8"), add_bos=True, special=True))

@@ -6,9 +6,13 @@ the prompt, so a test decides exactly which task fails and when:
 
 - ``@fault=error`` or ``@fault=error:N``: raise an engine error (after N tokens);
 - ``@fault=hang`` or ``@fault=hang:N``: stop producing (after N tokens) until closed;
-- ``@fault=crash`` or ``@fault=crash:N``: kill the hosting process (after N tokens).
+- ``@fault=crash`` or ``@fault=crash:N``: kill the hosting process (after N tokens);
+- ``@fault=fatal`` or ``@fault=fatal:N``: a fatal engine error (driver lost), which takes
+  the whole pool down for a restart.
 
-``fail_load: "<message>"`` makes every load fail, as a broken driver would.
+``fail_load: "<message>"`` makes every load fail, as a broken driver would;
+``crash_on_load: true`` kills the hosting process during every load;
+``model_bytes`` is the memory the model claims, checked against the host before loading.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ WORDS = (
     " the", " a", " pool", " token", " stream", " queue", " model", " cluster", " ray", " fast",
     " slow", " warm", " cold", " GPU", " batch", " task", " reply", " end", " and", " then",
 )
-_FAULT = re.compile(r"@fault=(error|hang|crash)(?::(\d+))?")
+_FAULT = re.compile(r"@fault=(error|hang|crash|fatal)(?::(\d+))?")
 
 
 class MockEngine(Engine):
@@ -44,7 +48,11 @@ class MockEngine(Engine):
         version: str = "mock-1",
         slots: int = 1,
         embedding_dim: int = 0,
+        crash_on_load: bool = False,
+        model_bytes: int = 0,
     ) -> None:
+        self.crash_on_load = crash_on_load
+        self.model_bytes = model_bytes
         self.embedding_dim = embedding_dim
         self.tokens_per_s = tokens_per_s
         self.first_token_ms = first_token_ms
@@ -57,7 +65,8 @@ class MockEngine(Engine):
 
     @classmethod
     def from_options(cls, options: dict[str, Any], slots: int, ctx: Optional[int]) -> "MockEngine":
-        known = {"tokens_per_s", "first_token_ms", "fail_load", "version", "embedding_dim"}
+        known = {"tokens_per_s", "first_token_ms", "fail_load", "version", "embedding_dim", "crash_on_load",
+                 "model_bytes"}
         unknown = set(options) - known
         if unknown:
             raise EngineError(f"unknown mock engine options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -72,6 +81,8 @@ class MockEngine(Engine):
         return self._ctx
 
     def load(self) -> None:
+        if self.crash_on_load:
+            os._exit(18)
         if self.fail_load:
             raise EngineError(f"mock engine load failed: {self.fail_load}")
         self.loaded = True
@@ -100,6 +111,9 @@ class MockEngine(Engine):
             self._fail(fault_kind, params.max_tokens)
         return FinishReason.length
 
+    def memory_needed(self) -> int:
+        return self.model_bytes
+
     @property
     def serves_embeddings(self) -> bool:
         return self.embedding_dim > 0
@@ -116,6 +130,8 @@ class MockEngine(Engine):
     def _fail(self, kind: Optional[str], index: int) -> None:
         if kind == "error":
             raise EngineError(f"mock engine error injected after {index} tokens")
+        if kind == "fatal":
+            raise EngineError(f"mock engine driver lost after {index} tokens", fatal=True)
         if kind == "hang":
             self._closed.wait()
             raise EngineError("mock engine closed while hung")

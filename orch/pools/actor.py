@@ -6,6 +6,7 @@ concurrency limit so long polls from many streams never block submit or cancel.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -26,8 +27,13 @@ def actor_name(pool_id: str) -> str:
     return ACTOR_PREFIX + pool_id
 
 
-def config_digest(config: PoolConfig, artifacts_root: str = "") -> str:
-    spec = {"pool": config.model_dump(mode="json"), "artifacts_root": artifacts_root}
+def config_digest(pool: PoolConfig, config: OrchConfig) -> str:
+    """What a pool actor was built from; a different digest means it must be replaced."""
+    return _digest(pool, config.artifacts.root)
+
+
+def _digest(pool: PoolConfig, artifacts_root: str) -> str:
+    spec = {"pool": pool.model_dump(mode="json"), "artifacts_root": artifacts_root}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -36,13 +42,17 @@ class PoolActor:
     def __init__(self, config: dict[str, Any], namespace: str, artifacts_root: str) -> None:
         from orch.pools.manager import PoolManager
 
-        logging.basicConfig(level=logging.INFO)
+        from orch.observability.logs import configure_logging
+
+        configure_logging()
         self.config = PoolConfig.model_validate(config)
         self.namespace = namespace
-        self.digest = config_digest(self.config, artifacts_root)
+        self.digest = _digest(self.config, artifacts_root)
         self.manager = PoolManager(self.config)
         self._artifacts_root = artifacts_root
         self._artifacts = None
+        self._sessions = None
+        self.manager.finish_listeners.append(self._charge_session)
         self.manager.finish_listeners.append(self._store_transcript)
 
     async def _store_transcript(self, summary: dict[str, Any]) -> None:
@@ -54,6 +64,28 @@ class PoolActor:
             await self._artifacts.put.remote(summary["transcript"])
         except ray.exceptions.RayActorError:
             self._artifacts = None  # it was restarted: find it again next time
+            raise
+
+    async def _charge_session(self, summary: dict[str, Any]) -> None:
+        """Report a finished task's usage (however it ended) to its session: ids and counts only.
+
+        The sessions actor is found by name, so sessions config never touches the pools: a
+        task only has a live session after an ingress created that actor.
+        """
+        from orch.sessions.actor import find_sessions_actor
+
+        session_id = summary.get("session_id")
+        if not session_id:
+            return
+        if self._sessions is None:
+            self._sessions = await asyncio.to_thread(find_sessions_actor, self.namespace)
+            if self._sessions is None:
+                return
+        try:
+            await self._sessions.record_usage.remote(
+                session_id, summary["tokens_in"], summary["tokens_out"], summary["decode_time_ms"])
+        except ray.exceptions.RayActorError:
+            self._sessions = None  # it was restarted (its sessions with it): find it again next time
             raise
 
     def config_digest(self) -> str:
@@ -77,6 +109,12 @@ class PoolActor:
     async def has_task(self, task_id: str) -> bool:
         return self.manager.has_task(task_id)
 
+    async def recent_tasks(self, limit: int) -> list[dict[str, Any]]:
+        return self.manager.recent_tasks(limit)
+
+    async def set_supervision_note(self, note: Optional[str]) -> None:
+        self.manager.set_supervision_note(note)
+
     async def health(self) -> dict[str, Any]:
         return self.manager.health()
 
@@ -97,37 +135,42 @@ class PoolActor:
 
 
 def ensure_pools(config: OrchConfig) -> dict[str, "ray.actor.ActorHandle"]:
-    """Get or create every configured pool actor and start it (idempotent).
+    """Hand the configuration to the supervisor, which creates, starts and watches every
+    pool (idempotent: every ingress replica calls it on start). Returns the pool handles
+    that exist already; the registry finds the others by name as they appear."""
+    from orch.pools.supervisor import ensure_supervisor
 
-    A pool actor left by an earlier deployment with another configuration is replaced.
-    """
     check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
+    ensure_supervisor(config)
     handles = {}
     for pool in config.pools:
-        handle = _get_or_create(pool, config.namespace, config.artifacts.root)
-        handle.start.remote()
-        handles[pool.id] = handle
+        try:
+            handles[pool.id] = pool_handle(pool.id, config.namespace)
+        except ValueError:
+            continue
     return handles
 
 
-def _get_or_create(pool: PoolConfig, namespace: str, artifacts_root: str):
-    options = dict(
+def create_pool_actor(pool: PoolConfig, config: OrchConfig):
+    """A new pool actor (not started): Ray places it by its GPUs, CPUs and resources."""
+    from orch.config import to_wire
+
+    options: dict[str, Any] = dict(
         name=actor_name(pool.id),
-        namespace=namespace,
+        namespace=config.namespace,
         lifetime="detached",
-        get_if_exists=True,
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
         max_concurrency=MAX_CONCURRENCY,
     )
-    spec = pool.model_dump(mode="json")
-    handle = PoolActor.options(**options).remote(spec, namespace, artifacts_root)
-    if ray.get(handle.config_digest.remote()) != config_digest(pool, artifacts_root):
-        log.warning("pool %s: configuration changed; replacing its actor", pool.id)
-        ray.kill(handle, no_restart=True)
-        _wait_gone(actor_name(pool.id), namespace)
-        handle = PoolActor.options(**options).remote(spec, namespace, artifacts_root)
-    return handle
+    if pool.resources:
+        options["resources"] = dict(pool.resources)
+    if pool.node_id:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=pool.node_id, soft=False)
+    spec = to_wire(config)["pools"][[p.id for p in config.pools].index(pool.id)]
+    return PoolActor.options(**options).remote(spec, config.namespace, config.artifacts.root)
 
 
 def _wait_gone(name: str, namespace: str, timeout_s: float = 10.0) -> None:
@@ -143,8 +186,11 @@ def _wait_gone(name: str, namespace: str, timeout_s: float = 10.0) -> None:
 
 
 def shutdown_pools(config: OrchConfig) -> list[str]:
-    """Stop and remove every configured pool actor (they are detached, so deleting the
-    Serve application alone leaves them holding their GPUs). Returns the pools removed."""
+    """Stop the supervisor, then stop and remove every configured pool actor (they are
+    detached, so deleting the Serve application alone leaves them holding their GPUs)."""
+    from orch.pools.supervisor import stop_supervisor
+
+    stop_supervisor(config.namespace)
     removed = []
     for pool in config.pools:
         try:

@@ -21,6 +21,7 @@ from orch.api.tasks import EmbeddingRequest, Priority, TaskRequest
 from orch.artifacts.transcript import build_transcript
 from orch.config import PoolConfig
 from orch.core.admission import ModelLimits, check_context, check_request
+from orch.core.capacity import available_memory, check_fits
 from orch.core.errors import OrchError
 from orch.core.queue import QueueFullError, QueuePolicy, TaskQueue
 from orch.engines import build_engine
@@ -50,6 +51,9 @@ class PoolManager:
         self.queue: TaskQueue[TaskRecord] = TaskQueue(config.queue.capacity, config.queue.policy)
         self.tasks: dict[str, TaskRecord] = {}
         self.ready = False
+        self.loading = False
+        self.engine_failed = False
+        self.supervision_note: Optional[str] = None
         self.draining = False
         self.drain_deadline_at: Optional[float] = None
         self.last_error: Optional[str] = None
@@ -82,13 +86,17 @@ class PoolManager:
             if self.ready or self._workers:
                 return self.snapshot()
             self._loop = asyncio.get_running_loop()
+            self.loading = True
             try:
                 engine = self._engine_factory(self.config)
+                check_fits(self.pool_id, engine.memory_needed(), available_memory(self.config.num_gpus))
                 await self._loop.run_in_executor(self._executor, engine.load)
             except (EngineError, OSError, ValueError) as exc:
                 self.last_error = f"preload failed: {exc}"
                 log.error("pool %s: %s", self.pool_id, self.last_error)
                 return self.snapshot()
+            finally:
+                self.loading = False
             self.engine = engine
             self._finished = asyncio.Queue()
             self._workers = [asyncio.create_task(self._worker()) for _ in range(self.config.slots)]
@@ -119,6 +127,7 @@ class PoolManager:
         engine = self.engine
         return {
             "pool_id": self.pool_id,
+            "replica_set": self.config.replica_set or self.pool_id,
             "engine": self.config.engine.value,
             "engine_version": engine.version if engine else "",
             "model_ref": self.model_ref,
@@ -140,12 +149,19 @@ class PoolManager:
             "vram_free_bytes": 0,
             "vram_total_bytes": 0,
             "device_mask": None,
-            "last_error": self.last_error,
+            "last_error": self._error_text(),
+            "loading": self.loading,
+            "engine_failed": self.engine_failed,
             "service_ms": round(self._service_ms, 1),
             "queue_depth_by_priority": {p.value: self.queue.depth(p) for p in Priority},
             "metrics": self.metrics.to_dict(),
             "counters": dict(self.counters),
         }
+
+    def _error_text(self) -> Optional[str]:
+        if self.last_error and self.supervision_note:
+            return f"{self.last_error} ({self.supervision_note})"
+        return self.last_error or self.supervision_note
 
     def workloads(self) -> tuple[str, ...]:
         if self.engine is not None and self.engine.serves_embeddings:
@@ -433,7 +449,13 @@ class PoolManager:
             )
         except EngineError as exc:
             self.counters["failed"] += 1
-            record.push("error", self._error_payload(ErrorCode.INTERNAL, str(exc)))
+            if exc.fatal:
+                record.push("error", self._error_payload(
+                    ErrorCode.WORKER_RESET, f"pool '{self.pool_id}' lost its engine ({exc}); resubmit the task",
+                    retriable=True, retry_after_ms=1000))
+                self._engine_fault(exc)
+            else:
+                record.push("error", self._error_payload(ErrorCode.INTERNAL, str(exc)))
             return
         finally:
             elapsed_ms = (time.monotonic() - now) * 1000
@@ -466,6 +488,26 @@ class PoolManager:
         if record.push("end", {"tokens_out": 0, "tokens_in": tokens, "decode_time_ms": self._decode_ms(record),
                                "finish_reason": FinishReason.stop.value, "embeddings": vectors}):
             self.counters["completed"] += 1
+
+    def _engine_fault(self, exc: EngineError) -> None:
+        """The engine itself failed: stop admitting, fail what is queued (retriable, so
+        clients resubmit and placement picks a healthy pool), and let the supervisor restart us."""
+        self.ready = False
+        self.engine_failed = True
+        self.draining = True
+        self.last_error = f"engine failed: {exc}"
+        log.error("pool %s: %s", self.pool_id, self.last_error, extra={
+            "pool_id": self.pool_id, "human": f"Pool {self.pool_id} lost its engine and stopped taking work."})
+        message = f"pool '{self.pool_id}' lost its engine before this task ran; resubmit it"
+        while (item := self.queue.pop()) is not None:
+            _, queued = item
+            queued.cancelled = True
+            if queued.push("error", self._error_payload(ErrorCode.WORKER_RESET, message, retriable=True,
+                                                        retry_after_ms=1000)):
+                self.counters["failed"] += 1
+
+    def set_supervision_note(self, note: Optional[str]) -> None:
+        self.supervision_note = note
 
     # -- transcripts and finish listeners ------------------------------------------------
     def _finalize(self, record: TaskRecord, kind: str, data: dict[str, Any]) -> dict[str, Any]:

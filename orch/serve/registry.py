@@ -16,12 +16,16 @@ from typing import Any, Optional
 
 import ray
 
+from orch.api.errors import ErrorCode
 from orch.config import OrchConfig
+from orch.core.errors import OrchError
 from orch.core.placement import PoolView
 from orch.pools.actor import pool_handle
 
 log = logging.getLogger("orch.ingress")
 
+#: Seconds between two reminders to the supervisor to keep reconciling.
+SUPERVISOR_NUDGE_S = 5.0
 #: Task -> pool entries remembered by one replica.
 LOCATOR_CAPACITY = 100_000
 
@@ -35,6 +39,7 @@ class PoolRegistry:
         self._taken_at = 0.0
         self._refreshing: Optional[asyncio.Task] = None
         self._locations: OrderedDict[str, str] = OrderedDict()
+        self._nudged_at = 0.0
 
     # -- snapshot ------------------------------------------------------------------------
     async def rows(self) -> dict[str, dict[str, Any]]:
@@ -62,6 +67,21 @@ class PoolRegistry:
                 rows[pool_id] = result
         self._rows = rows
         self._taken_at = time.monotonic()
+        self._nudge_supervisor()
+
+    def _nudge_supervisor(self) -> None:
+        """Keep the supervisor's loop running, even after Ray restarted the supervisor
+        itself (its loop starts on request, not in its constructor)."""
+        now = time.monotonic()
+        if now - self._nudged_at < SUPERVISOR_NUDGE_S:
+            return
+        self._nudged_at = now
+        from orch.pools.supervisor import ACTOR_NAME
+
+        try:
+            ray.get_actor(ACTOR_NAME, namespace=self.config.namespace).run.remote()
+        except Exception:  # not there (yet): the next ingress start creates it
+            pass
 
     async def _snapshot_of(self, pool_id: str) -> dict[str, Any]:
         handle = self.handles.get(pool_id)
@@ -78,6 +98,7 @@ class PoolRegistry:
         pool = self.config.pool(pool_id)
         return {
             "pool_id": pool_id,
+            "replica_set": pool.replica_set or pool_id,
             "engine": pool.engine.value,
             "engine_version": "",
             "model_ref": pool.model,
@@ -107,6 +128,8 @@ class PoolRegistry:
                 queue_depth=row.get("queue_depth", 0),
                 device_mask=row.get("device_mask"),
                 workloads=tuple(row.get("workloads", ("completion",))),
+                replica_set=row.get("replica_set"),
+                engine_version=row.get("engine_version", ""),
             )
             for row in rows.values()
         ]
@@ -114,9 +137,18 @@ class PoolRegistry:
     def handle(self, pool_id: str):
         handle = self.handles.get(pool_id)
         if handle is None:
-            handle = pool_handle(pool_id, self.config.namespace)
+            try:
+                handle = pool_handle(pool_id, self.config.namespace)
+            except ValueError:
+                raise OrchError(ErrorCode.POOL_UNAVAILABLE,
+                                f"pool '{pool_id}' is being (re)started by its supervisor; retry shortly",
+                                retriable=True, retry_after_ms=1000, pool_id=pool_id) from None
             self.handles[pool_id] = handle
         return handle
+
+    def forget(self, pool_id: str) -> None:
+        """Drop a handle that failed: the supervisor may have replaced the actor."""
+        self.handles.pop(pool_id, None)
 
     def note_admitted(self, pool_id: str) -> None:
         """Count a task this replica just queued into its cached row, so decisions made
@@ -138,9 +170,10 @@ class PoolRegistry:
         if pool_id is not None:
             return pool_id
         pool_ids = [pool.id for pool in self.config.pools]
-        answers = await asyncio.gather(
-            *(self.handle(pid).has_task.remote(task_id) for pid in pool_ids), return_exceptions=True
-        )
+        async def ask(pid: str):
+            return await self.handle(pid).has_task.remote(task_id)
+
+        answers = await asyncio.gather(*(ask(pid) for pid in pool_ids), return_exceptions=True)
         for pid, answer in zip(pool_ids, answers):
             if answer is True:
                 self.remember(task_id, pid)

@@ -84,6 +84,7 @@ class TaskService:
         try:
             result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id)
         except ray.exceptions.RayActorError:
+            self.registry.forget(decision.pool_id)
             raise OrchError(
                 ErrorCode.POOL_UNAVAILABLE,
                 f"pool '{decision.pool_id}' is unreachable; retry shortly",

@@ -71,7 +71,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
             body = health_from_snapshot(snap, live=True)
         except OrchError as exc:
             rows = await registry.rows()
-            row = dict(rows.get(pool_id, {}), last_error=exc.message)
+            row = dict(rows.get(pool_id, {}), last_error=exc.message, ready=False, active_slots=0)
             row.setdefault("pool_id", pool_id)
             body = health_from_snapshot(row, live=False)
         return JSONResponse(body.model_dump())
