@@ -54,6 +54,7 @@ def home_config(**pool_overrides: Any) -> dict[str, Any]:
     from orch.config import project_root
 
     data = yaml.safe_load((project_root() / "configs" / "home.yaml").read_text())
+    data.pop("namespace", None)  # each deployment gets its own (see ``deploy``)
     pool = data["pools"][0]
     for key, value in pool_overrides.items():
         pool[key] = value

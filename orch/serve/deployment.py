@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve import Application
 
 from orch.artifacts.actor import artifact_actor
+from orch.catalog.actor import catalog_actor
 from orch.config import ConfigError, OrchConfig, check_bind_auth, check_gpu_capacity, load_config, parse_config, to_wire
 from orch.observability.actor import metrics_actor
 from orch.observability.logs import configure_logging
@@ -48,6 +49,7 @@ class OrchIngress:
             PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s),
             sessions=SessionsGate(self.config.namespace, self.config.sessions),
             artifacts=artifact_actor(self.config.artifacts.root, self.config.namespace),
+            extras={"catalog": catalog_actor(self.config.catalog.root, self.config.namespace)},
             metrics=metrics_actor(self.config.namespace),
         )
         self._flusher = asyncio.get_running_loop().create_task(self._flush_counters())

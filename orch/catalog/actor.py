@@ -1,0 +1,121 @@
+"""Ray shell around the catalog store: one named, detached actor per orchestrator.
+
+Every ingress replica and every provisioning task talks to this one actor, so the catalog has
+a single writer. All state that matters is on disk (the records are rewritten atomically and
+the index is rebuilt from them when the actor starts), so killing the actor and starting it
+again loses nothing; Ray restarts it after a crash. Provisioning progress and the set of
+provisionings in flight are kept in memory only: they describe work that dies with it. It
+prefers the head node, whose disk outlives worker nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import ray
+
+from orch.catalog.store import CatalogStore
+
+ACTOR_NAME = "orch-catalog"
+
+
+@ray.remote(num_cpus=0)
+class CatalogActor:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.store = CatalogStore(root)
+        self.store.rebuild_index()
+        self._progress: dict[str, dict[str, Any]] = {}
+        self._in_flight: dict[str, dict[str, Any]] = {}
+
+    def root_dir(self) -> str:
+        return self.root
+
+    # ------------------------------------------------------------------ records
+
+    def put(self, record: dict[str, Any]) -> dict[str, Any]:
+        return self.store.put(record)
+
+    def get(self, model_id: str) -> Optional[dict[str, Any]]:
+        return self.store.get(model_id)
+
+    def list(self, state: Optional[str] = None) -> list[dict[str, Any]]:
+        return self.store.list(state)
+
+    def exists(self, model_id: str) -> bool:
+        return self.store.exists(model_id)
+
+    def locate(self, ref: str, state: Optional[str] = "Active") -> Optional[dict[str, Any]]:
+        return self.store.locate(ref, state)
+
+    def set_state(self, model_id: str, state: str) -> Optional[dict[str, Any]]:
+        return self.store.set_state(model_id, state)
+
+    def record_verification(self, model_id: str, ok: bool, digest: Optional[str]) -> Optional[dict[str, Any]]:
+        return self.store.update(model_id, last_verification={"at": time.time(), "ok": ok, "digest": digest})
+
+    def remove(self, model_id: str) -> Optional[dict[str, Any]]:
+        """Delete a record; says whether another record still uses the same files."""
+        record = self.store.delete(model_id)
+        if record is None:
+            return None
+        shared = bool(self.store.find(local_path=record["local_path"]))
+        self._progress.pop(model_id, None)
+        return {"record": record, "shared": shared}
+
+    def rebuild_index(self) -> int:
+        return self.store.rebuild_index()
+
+    # ------------------------------------------------------------------ provisioning
+
+    def begin(self, model_id: str, ref: str, digest: Optional[str] = None, ttl_s: float = 3600.0) -> dict[str, Any]:
+        """Claim ``model_id`` for a provisioning of ``ref``. Answers ``started``, ``exists``
+        (the same ref is already catalogued), ``conflict`` (the id names something else) or
+        ``busy`` (a provisioning of this id is running)."""
+        existing = self.store.get(model_id)
+        if existing is not None:
+            if existing["ref"] != ref or (digest is not None and existing["digest"] != digest):
+                return {"status": "conflict", "record": existing}
+            return {"status": "exists", "record": existing}
+        now = time.time()
+        running = self._in_flight.get(model_id)
+        if running is not None and running["until"] > now:
+            return {"status": "busy", "ref": running["ref"], "progress": self._progress.get(model_id)}
+        self._in_flight[model_id] = {"ref": ref, "until": now + ttl_s}
+        self._progress[model_id] = {"done": 0, "total": None, "phase": "running", "error": None, "updated_at": now}
+        return {"status": "started"}
+
+    def finish(self, model_id: str, error: Optional[str] = None) -> None:
+        self._in_flight.pop(model_id, None)
+        entry = self._progress.setdefault(model_id, {"done": 0, "total": None})
+        entry.update(phase="failed" if error else "done", error=error, updated_at=time.time())
+
+    def progress(self, model_id: str, done: int, total: Optional[int]) -> None:
+        entry = self._progress.setdefault(model_id, {"phase": "running", "error": None})
+        entry.update(done=int(done), total=None if total is None else int(total), updated_at=time.time())
+
+    def progress_of(self, model_id: str) -> Optional[dict[str, Any]]:
+        entry = self._progress.get(model_id)
+        return dict(entry) if entry is not None else None
+
+
+def catalog_actor(root: str, namespace: str):
+    """The orchestrator's catalog actor, created on first use."""
+    return CatalogActor.options(
+        name=ACTOR_NAME,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        resources=_head_node_resource(),
+        max_restarts=-1,
+    ).remote(root)
+
+
+def _head_node_resource() -> dict[str, float]:
+    try:
+        if "node:__internal_head__" in ray.cluster_resources():
+            return {"node:__internal_head__": 0.001}
+    except Exception:  # not connected yet: let Ray place it
+        pass
+    return {}

@@ -1,0 +1,223 @@
+"""``/v2/catalog/models``: provision models into the catalog, read, verify, retire, delete them.
+
+The catalog actor (``state.extras["catalog"]``) holds the records; provisioning runs as a Ray
+task on the target node (the ingress's node unless ``node_id`` says otherwise) and stores its
+record itself. Bad refs, refused downloads and digest mismatches are 400 ``INVALID_PARAMS``;
+an unreachable catalog is 503 ``POOL_UNAVAILABLE``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, Optional
+
+import ray
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from orch.api.catalog import (
+    CatalogModel,
+    ModelCreate,
+    ModelList,
+    ModelState,
+    ModelStateChange,
+    ProvisionPlanBody,
+    VerifyResult,
+)
+from orch.api.errors import ErrorCode
+from orch.config import project_root
+from orch.core.errors import OrchError
+from orch.core.model_ref import ModelRefError
+from orch.provision.errors import ProvisionError
+from orch.provision.models import ProvisionSettings, plan
+from orch.provision.tasks import alive_node_ids, start_digest, start_provision, start_removal, unwrap
+from orch.serve.http import explain_validation, invalid, no_content, read_json
+from orch.serve.routes.tasks import path_id
+from orch.serve.routing import ApiRoute
+from orch.serve.state import IngressState
+
+log = logging.getLogger("orch.ingress")
+
+#: Longest one catalog actor call may take (they only touch small files).
+ACTOR_TIMEOUT_S = 15.0
+#: Digest of a large model on a slow disk.
+VERIFY_TIMEOUT_S = 1800.0
+REMOVE_TIMEOUT_S = 120.0
+
+
+def routes(state: IngressState) -> list[ApiRoute]:
+    config = state.config
+    max_body = config.server.max_body_bytes
+    settings = ProvisionSettings.from_config(config.catalog, base_dir=project_root())
+
+    def unavailable(why: str) -> OrchError:
+        return OrchError(ErrorCode.POOL_UNAVAILABLE, f"the model catalog {why}", retriable=True, retry_after_ms=1000)
+
+    async def reconnect() -> Any:
+        from orch.catalog.actor import catalog_actor
+
+        handle = await asyncio.to_thread(catalog_actor, config.catalog.root, config.namespace)
+        state.extras["catalog"] = handle
+        return handle
+
+    async def call(method: str, *args: Any) -> Any:
+        """One catalog actor call; after the actor was replaced (killed and started again),
+        reconnect once and retry."""
+        handle = state.extras.get("catalog")
+        for attempt in range(2):
+            if handle is None:
+                try:
+                    handle = await reconnect()
+                except Exception as exc:
+                    raise unavailable(f"is not reachable from this ingress ({exc})") from None
+            try:
+                return await asyncio.wait_for(getattr(handle, method).remote(*args), ACTOR_TIMEOUT_S)
+            except ray.exceptions.RayActorError as exc:
+                handle = None
+                if attempt == 1:
+                    raise unavailable(f"actor is down; retry ({_cause_line(exc)})") from None
+            except asyncio.TimeoutError:
+                raise unavailable(f"did not answer within {ACTOR_TIMEOUT_S:.0f} s") from None
+        raise unavailable("is not reachable")  # pragma: no cover - the loop returns or raises
+
+    async def body_of(request: Request, model):
+        body = await read_json(request, max_body)
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise invalid(explain_validation(exc)) from None
+
+    async def record_of(request: Request) -> dict[str, Any]:
+        model_id = path_id(request, "model_id", "model")
+        record = await call("get", model_id)
+        if record is None:
+            raise OrchError(ErrorCode.NOT_FOUND, f"no model '{model_id}' in the catalog")
+        return record
+
+    async def wait_task(ref: "ray.ObjectRef", timeout_s: float, what: str) -> Any:
+        try:
+            return await asyncio.wait_for(ref, timeout_s)
+        except asyncio.TimeoutError:
+            raise OrchError(ErrorCode.POOL_UNAVAILABLE, f"{what} did not finish within {timeout_s:.0f} s",
+                            retriable=True, retry_after_ms=5000) from None
+        except ray.exceptions.RayError as exc:
+            cause = unwrap(exc)
+            if isinstance(cause, ProvisionError):
+                raise cause.to_orch_error() from None
+            if isinstance(cause, ModelRefError):
+                raise invalid(str(cause)) from None
+            log.warning("%s failed: %s", what, exc)
+            raise OrchError(ErrorCode.POOL_UNAVAILABLE, f"{what} failed: {str(cause).splitlines()[0][:300]}",
+                            retriable=True, retry_after_ms=5000) from None
+
+    async def check_node(node_id: Optional[str]) -> None:
+        if node_id is not None and node_id not in await asyncio.to_thread(alive_node_ids):
+            raise invalid(f"node_id {node_id} is not an alive node of this Ray cluster")
+
+    async def create(request: Request) -> Response:
+        wanted = await body_of(request, ModelCreate)
+        try:
+            steps = plan(wanted.ref, settings, model_id=wanted.id, digest=wanted.digest)
+        except ModelRefError as exc:
+            raise invalid(str(exc)) from None
+        except ProvisionError as exc:
+            raise exc.to_orch_error() from None
+        if wanted.dry_run:
+            return JSONResponse(ProvisionPlanBody(**steps.to_dict()).model_dump())
+        await check_node(wanted.node_id)
+        claim = await call("begin", steps.model_id, steps.ref, wanted.digest, settings.deadline_s + 60)
+        if claim["status"] == "exists":
+            return JSONResponse(CatalogModel(**claim["record"]).model_dump(mode="json"), status_code=200)
+        if claim["status"] == "conflict":
+            other = claim["record"]
+            raise invalid(f"model id '{steps.model_id}' already names {other['ref']} ({other['digest']}); "
+                          "choose another id, or DELETE it first")
+        if claim["status"] == "busy":
+            raise OrchError(ErrorCode.ADMISSION_REJECT, f"model '{steps.model_id}' is being provisioned right now; "
+                            "retry when it is done", retriable=True, retry_after_ms=2000, policy_label="reject")
+        handle = state.extras.get("catalog")
+        try:
+            task = start_provision(steps, settings, handle, wanted.node_id)
+        except Exception as exc:
+            await call("finish", steps.model_id, str(exc))
+            raise unavailable(f"could not start provisioning: {exc}") from None
+        record = await wait_task(task, settings.deadline_s + 60, f"provisioning '{steps.model_id}'")
+        return JSONResponse(CatalogModel(**record).model_dump(mode="json"), status_code=201)
+
+    async def list_models(request: Request) -> Response:
+        state_filter = request.query_params.get("state")
+        if state_filter is not None and state_filter not in {s.value for s in ModelState}:
+            raise invalid("state must be Active or Retired")
+        records = await call("list", state_filter)
+        return JSONResponse(ModelList(models=[CatalogModel(**r) for r in records]).model_dump(mode="json"))
+
+    async def read(request: Request) -> Response:
+        record = await record_of(request)
+        return JSONResponse(CatalogModel(**record).model_dump(mode="json"))
+
+    async def delete(request: Request) -> Response:
+        model_id = path_id(request, "model_id", "model")
+        removed = await call("remove", model_id)
+        if removed is None:
+            raise OrchError(ErrorCode.NOT_FOUND, f"no model '{model_id}' in the catalog")
+        record = removed["record"]
+        if record["managed"] and not removed["shared"]:
+            try:
+                task = start_removal(record["local_path"], config.catalog.model_cache, record.get("node_id"))
+                await wait_task(task, REMOVE_TIMEOUT_S, f"removing the files of '{model_id}'")
+            except OrchError as exc:  # the record is gone; stray files are only disk space
+                log.warning("model %s: its files at %s were not removed: %s", model_id, record["local_path"],
+                            exc.message)
+        return no_content()
+
+    async def verify(request: Request) -> Response:
+        record = await record_of(request)
+        task = start_digest(record["local_path"], record.get("node_id"))
+        found = await wait_task(task, VERIFY_TIMEOUT_S, f"verifying '{record['id']}'")
+        actual = found["digest"] if found else None
+        ok = actual == record["digest"]
+        await call("record_verification", record["id"], ok, actual)
+        if found is None:
+            message = f"no files at {record['local_path']}"
+        else:
+            message = "digest matches" if ok else "digest differs from the recorded one; the files changed"
+        return JSONResponse(VerifyResult(
+            id=record["id"], ok=ok, expected=record["digest"], actual=actual,
+            size_bytes=found["size_bytes"] if found else None, checked_at=time.time(), message=message,
+        ).model_dump())
+
+    async def change_state(request: Request) -> Response:
+        model_id = path_id(request, "model_id", "model")
+        wanted = await body_of(request, ModelStateChange)
+        record = await call("set_state", model_id, ModelState(wanted.state).value)
+        if record is None:
+            raise OrchError(ErrorCode.NOT_FOUND, f"no model '{model_id}' in the catalog")
+        return JSONResponse(CatalogModel(**record).model_dump(mode="json"))
+
+    return [
+        ApiRoute("POST", "/v2/catalog/models", create,
+                 "Provision a model (hf:, https://, file:, pkg:) into the catalog; dry_run answers the plan",
+                 "catalog", body=ModelCreate, answers={201: CatalogModel, 200: CatalogModel}),
+        ApiRoute("GET", "/v2/catalog/models", list_models, "Every model in the catalog", "catalog",
+                 answers={200: ModelList}, query={"state": "Active or Retired"}),
+        ApiRoute("GET", "/v2/catalog/models/{model_id}", read, "A model's catalog record", "catalog",
+                 answers={200: CatalogModel}),
+        ApiRoute("DELETE", "/v2/catalog/models/{model_id}", delete,
+                 "Remove a model; files the catalog downloaded go with it (never a user's own file)", "catalog",
+                 answers={204: None}),
+        ApiRoute("POST", "/v2/catalog/models/{model_id}/verify", verify,
+                 "Recompute the model's digest from its files and compare it with the record", "catalog",
+                 answers={200: VerifyResult}),
+        ApiRoute("POST", "/v2/catalog/models/{model_id}/state", change_state, "Set a model Active or Retired",
+                 "catalog", body=ModelStateChange, answers={200: CatalogModel}),
+    ]
+
+
+def _cause_line(exc: BaseException) -> str:
+    """The last ``SomethingError: message`` line of a Ray error (why an actor died)."""
+    lines = [line.strip() for line in str(exc).splitlines() if re.match(r"^\s*[\w.]+(Error|Exception): ", line)]
+    return (lines[-1] if lines else exc.__class__.__name__)[:300]
