@@ -20,7 +20,7 @@ from orch.api.meta import API_VERSION
 from orch.core.errors import OrchError
 from orch.serve.auth import AuthMiddleware
 from orch.serve.http import CorrelationIdMiddleware, error_response
-from orch.serve.routes import artifacts, catalog, meta, ops, pools, sessions, tasks
+from orch.serve.routes import artifacts, catalog, meta, openai, ops, pools, sessions, tasks
 from orch.serve.routing import ApiRoute, openapi_document
 from orch.serve.state import IngressState
 
@@ -40,6 +40,7 @@ def api_routes(state: IngressState) -> list[ApiRoute]:
     found += artifacts.routes(state)
     found += catalog.routes(state)
     found += ops.routes(state)
+    found += openai.routes(state)
     found += meta.routes(state, lambda: document)
     document = openapi_document(found, title="llama-orch", version=API_VERSION, description=DESCRIPTION)
     return found
@@ -69,6 +70,8 @@ def build_app(state: IngressState) -> Starlette:
 
 async def _on_orch_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, OrchError)
+    if openai.is_openai_path(request):
+        return openai.error_response_openai(exc, request)
     return error_response(exc, request)
 
 
@@ -78,14 +81,21 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
         error = OrchError(ErrorCode.NOT_FOUND, f"no route {request.method} {request.url.path}")
     elif exc.status_code == 405:
         error = OrchError(ErrorCode.INVALID_PARAMS, f"method {request.method} is not allowed on {request.url.path}")
+        if openai.is_openai_path(request):
+            return openai.error_response_openai(error, request, status=405)
         response = error_response(error, request)
         response.status_code = 405
         return response
     else:
         error = OrchError(ErrorCode.INVALID_PARAMS, str(exc.detail))
+    if openai.is_openai_path(request):
+        return openai.error_response_openai(error, request)
     return error_response(error, request)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(OrchError(ErrorCode.INTERNAL, "internal error; the correlation id identifies it in the logs"), request)
+    error = OrchError(ErrorCode.INTERNAL, "internal error; the correlation id identifies it in the logs")
+    if openai.is_openai_path(request):
+        return openai.error_response_openai(error, request)
+    return error_response(error, request)

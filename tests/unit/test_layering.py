@@ -12,6 +12,8 @@ PURE_MODULES = [
     "orch.config",
     "orch.engines.llamacpp",
     "orch.core.sessions",
+    "orch.core.chat",
+    "orch.api.openai",
     "orch.core.supervision",
     "orch.core.capacity",
     "orch.catalog.store",
