@@ -21,13 +21,51 @@ if [ -z "$python_bin" ]; then
     exit 1
 fi
 
+# The browser tests drive headless Chromium from the distribution's packages. Installed only
+# when missing and when this user may (root, or passwordless sudo); otherwise they skip.
+install_browser() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    local skip_note="the browser tests will skip (install the Debian packages chromium and chromium-driver to run them)"
+    local sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            echo "setup: note: chromium is not installed and this user cannot install it (not root, no passwordless sudo); $skip_note" >&2
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "setup: note: chromium is not installed and there is no apt-get here; $skip_note" >&2
+        return 0
+    fi
+    echo "setup: installing chromium and chromium-driver with apt-get (for the browser tests)"
+    local log
+    log="$(mktemp)"
+    if ${sudo[@]+"${sudo[@]}"} apt-get update -qq >"$log" 2>&1 &&
+        ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium chromium-driver >>"$log" 2>&1; then
+        rm -f "$log"
+    else
+        tail -n 5 "$log" >&2
+        rm -f "$log"
+        echo "setup: note: installing chromium failed; $skip_note" >&2
+    fi
+}
+if [ -n "$extras" ]; then install_browser; fi
+
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 stamp=".venv/.orch-installed${extras}"
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: installing into .venv (llama-cpp-python compiles from source the first time: a few minutes)"
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e ".${extras}"
+    echo "$want" > "$stamp"
 fi
-echo "setup: installing into .venv (llama-cpp-python compiles from source the first time: a few minutes)"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".${extras}"
-echo "$want" > "$stamp"
+# The vLLM tests run on vLLM's CPU build and a converted checkpoint (cached after the first run).
+if [ -n "$extras" ] && ! scripts/setup_vllm.sh; then
+    echo "setup: note: installing vLLM failed; the vLLM tests will skip (run scripts/setup_vllm.sh to retry)" >&2
+fi

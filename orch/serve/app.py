@@ -20,7 +20,7 @@ from orch.api.meta import API_VERSION
 from orch.core.errors import OrchError
 from orch.serve.auth import AuthMiddleware
 from orch.serve.http import CorrelationIdMiddleware, error_response
-from orch.serve.routes import artifacts, catalog, meta, openai, ops, pools, sessions, tasks
+from orch.serve.routes import artifacts, catalog, meta, openai, ops, pools, sessions, tasks, ui
 from orch.serve.routing import ApiRoute, openapi_document
 from orch.serve.state import IngressState
 
@@ -40,6 +40,7 @@ def api_routes(state: IngressState) -> list[ApiRoute]:
     found += artifacts.routes(state)
     found += catalog.routes(state)
     found += ops.routes(state)
+    found += ui.routes(state)
     found += openai.routes(state)
     found += meta.routes(state, lambda: document)
     document = openapi_document(found, title="llama-orch", version=API_VERSION, description=DESCRIPTION)

