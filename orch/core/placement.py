@@ -2,8 +2,9 @@
 
 Only Ready pools that are not draining and that serve the asked engine and model are
 candidates. A pin never falls back. Preferred pools win when one is eligible; avoided pools
-are never chosen. Among candidates the order is: most free VRAM, then least work (active
-slots plus queued tasks), then pool id, so the same snapshot always gives the same answer. A session stays on the pool
+are never chosen. Among candidates that can start the task now the order is: most free
+VRAM, then least work (active slots plus queued tasks), then pool id; when all are busy,
+the shortest expected wait (queue x measured task time) wins, so the same snapshot always gives the same answer. A session stays on the pool
 that served its last turn while that pool is a candidate.
 """
 
@@ -37,6 +38,24 @@ class PoolView:
     #: Replica set this pool belongs to (its own id when it is alone).
     replica_set: Optional[str] = None
     engine_version: str = ""
+    #: Moving average of one task's run time on this pool (ms); 0 when unknown.
+    service_ms: float = 0.0
+
+    @property
+    def load(self) -> int:
+        return self.active_slots + self.queue_depth
+
+    @property
+    def can_start_now(self) -> bool:
+        return self.load < self.slots
+
+    @property
+    def expected_wait_ms(self) -> float:
+        """How long a newcomer would wait for a slot, from the pool's own measured speed."""
+        if self.can_start_now:
+            return 0.0
+        ahead = self.load - self.slots + 1
+        return ahead * max(self.service_ms, 1.0) / max(self.slots, 1)
 
     def named(self, names: Iterable[str]) -> bool:
         """Is this pool named in ``names``, by its id or its replica set's?"""
@@ -66,13 +85,17 @@ class PlacementDecision:
     candidates_considered: int = 0
 
 
-def rank_key(pool: PoolView) -> tuple[int, int, str]:
-    """Most free VRAM, then least work (slots in use plus tasks already queued), then id.
+def rank_key(pool: PoolView) -> tuple[int, float, int, str]:
+    """Pools that can start the task now come first, ordered by most free VRAM, then least
+    work (slots in use plus queued tasks), then id. When every candidate is busy, the one
+    with the shortest expected wait (its queue times its measured task time per slot) wins.
 
-    Counting queued tasks with the active slots keeps a pool whose slots are all busy from
-    attracting every newcomer while an equal pool sits idle.
+    Free VRAM alone would send every task to the biggest card whatever its speed or queue;
+    it decides among pools with room, and expected wait decides among full ones.
     """
-    return (-pool.vram_free_bytes, pool.active_slots + pool.queue_depth, pool.pool_id)
+    if pool.can_start_now:
+        return (0, float(-pool.vram_free_bytes), pool.load, pool.pool_id)
+    return (1, pool.expected_wait_ms, pool.load, pool.pool_id)
 
 
 def best(pools: Iterable[PoolView]) -> PoolView:

@@ -130,6 +130,7 @@ class PoolRegistry:
                 workloads=tuple(row.get("workloads", ("completion",))),
                 replica_set=row.get("replica_set"),
                 engine_version=row.get("engine_version", ""),
+                service_ms=row.get("service_ms", 0.0),
             )
             for row in rows.values()
         ]

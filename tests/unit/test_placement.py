@@ -247,12 +247,29 @@ def test_order_most_free_vram_first():
 
 def test_order_then_fewest_active_slots():
     pools = [
-        pool("a", vram_free_bytes=GiB, active_slots=3),
-        pool("b", vram_free_bytes=GiB, active_slots=1),
-        pool("c", vram_free_bytes=GiB, active_slots=2),
-        pool("d", vram_free_bytes=GiB // 2, active_slots=0),
+        pool("a", vram_free_bytes=GiB, active_slots=3, slots=4),
+        pool("b", vram_free_bytes=GiB, active_slots=1, slots=4),
+        pool("c", vram_free_bytes=GiB, active_slots=2, slots=4),
+        pool("d", vram_free_bytes=GiB // 2, active_slots=0, slots=4),
     ]
     assert place(pools).pool_id == "b"
+
+
+def test_pools_with_room_come_before_busy_ones_whatever_their_vram():
+    pools = [
+        pool("big-busy", vram_free_bytes=80 * GiB, slots=2, active_slots=2, queue_depth=3, service_ms=900),
+        pool("small-free", vram_free_bytes=10 * GiB, slots=2, active_slots=1, service_ms=300),
+    ]
+    assert place(pools).pool_id == "small-free"
+
+
+def test_when_all_are_busy_the_shortest_expected_wait_wins():
+    pools = [
+        pool("big-slow", vram_free_bytes=80 * GiB, slots=2, active_slots=2, queue_depth=1, service_ms=2000),
+        pool("small-fast", vram_free_bytes=10 * GiB, slots=2, active_slots=2, queue_depth=3, service_ms=200),
+    ]
+    # big-slow: 2 ahead x 2000 ms / 2 slots = 2000 ms; small-fast: 4 x 200 / 2 = 400 ms
+    assert place(pools).pool_id == "small-fast"
 
 
 def test_queued_work_counts_with_active_slots():
@@ -270,14 +287,16 @@ def test_order_then_pool_id():
 
 
 def test_rank_key_is_the_documented_order():
-    assert rank_key(pool("a", vram_free_bytes=5, active_slots=2)) == (-5, 2, "a")
-    assert rank_key(pool("a", vram_free_bytes=5, active_slots=2, queue_depth=3)) == (-5, 5, "a")
+    assert rank_key(pool("a", vram_free_bytes=5, slots=4, active_slots=2)) == (0, -5, 2, "a")
+    assert rank_key(pool("a", vram_free_bytes=5, slots=2, active_slots=2, queue_depth=3, service_ms=100)) == (
+        1, 4 * 100 / 2, 5, "a")
     ranked = sorted(
-        [pool("b", vram_free_bytes=5, active_slots=1), pool("a", vram_free_bytes=5, active_slots=1),
-         pool("c", vram_free_bytes=9, active_slots=3), pool("d", vram_free_bytes=5, active_slots=0)],
+        [pool("b", vram_free_bytes=5, slots=4, active_slots=1), pool("a", vram_free_bytes=5, slots=4, active_slots=1),
+         pool("c", vram_free_bytes=9, slots=4, active_slots=3), pool("d", vram_free_bytes=5, slots=4, active_slots=0),
+         pool("e", vram_free_bytes=99, slots=1, active_slots=1)],
         key=rank_key,
     )
-    assert [p.pool_id for p in ranked] == ["c", "d", "a", "b"]
+    assert [p.pool_id for p in ranked] == ["c", "d", "a", "b", "e"]
 
 
 def test_candidates_considered_counts_eligible_pools():
@@ -340,9 +359,12 @@ MODELS = st.sampled_from([None, None, "m1", "m2", "x", "y"])
 SESSIONS = st.sampled_from([None, "ghost"] + POOL_IDS)
 
 
-def expected_key(p: PoolView) -> tuple[int, int, str]:
+def expected_key(p: PoolView) -> tuple:
     """The documented order, written out here rather than taken from the module."""
-    return (-p.vram_free_bytes, p.active_slots + p.queue_depth, p.pool_id)
+    load = p.active_slots + p.queue_depth
+    if load < p.slots:
+        return (0, -p.vram_free_bytes, load, p.pool_id)
+    return (1, (load - p.slots + 1) * max(p.service_ms, 1.0) / p.slots, load, p.pool_id)
 
 
 def outcome(pools, **kw):
