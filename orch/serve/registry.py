@@ -40,6 +40,7 @@ class PoolRegistry:
         self._refreshing: Optional[asyncio.Task] = None
         self._locations: OrderedDict[str, str] = OrderedDict()
         self._nudged_at = 0.0
+        self._views: Optional[list[PoolView]] = None
 
     # -- snapshot ------------------------------------------------------------------------
     async def rows(self) -> dict[str, dict[str, Any]]:
@@ -66,6 +67,7 @@ class PoolRegistry:
             else:
                 rows[pool_id] = result
         self._rows = rows
+        self._views = None
         self._taken_at = time.monotonic()
         self._nudge_supervisor()
 
@@ -78,10 +80,15 @@ class PoolRegistry:
         self._nudged_at = now
         from orch.pools.supervisor import ACTOR_NAME
 
-        try:
-            ray.get_actor(ACTOR_NAME, namespace=self.config.namespace).run.remote()
-        except Exception:  # not there (yet): the next ingress start creates it
-            pass
+        namespace = self.config.namespace
+
+        def nudge() -> None:
+            try:
+                ray.get_actor(ACTOR_NAME, namespace=namespace).run.remote()
+            except Exception:  # not there (yet): the next ingress start creates it
+                pass
+
+        asyncio.get_running_loop().run_in_executor(None, nudge)
 
     async def _snapshot_of(self, pool_id: str) -> dict[str, Any]:
         handle = self.handles.get(pool_id)
@@ -112,7 +119,13 @@ class PoolRegistry:
         }
 
     async def views(self) -> list[PoolView]:
+        """The snapshot as placement views, built once per refresh (or local admission)."""
         rows = await self.rows()
+        if self._views is None:
+            self._views = self._build_views(rows)
+        return self._views
+
+    def _build_views(self, rows: dict[str, dict[str, Any]]) -> list[PoolView]:
         return [
             PoolView(
                 pool_id=row["pool_id"],
@@ -158,6 +171,7 @@ class PoolRegistry:
         if row is not None:
             self._rows = dict(self._rows)
             self._rows[pool_id] = dict(row, queue_depth=row.get("queue_depth", 0) + 1)
+            self._views = None
 
     # -- task locator --------------------------------------------------------------------
     def remember(self, task_id: str, pool_id: str) -> None:
