@@ -188,6 +188,25 @@ def wait_http(url: str, timeout_s: float, ok: Callable[[int], bool] = lambda s: 
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f}s (last: {last!r})")
 
 
+def wait_all_pools_ready(base: str, timeout_s: float) -> None:
+    """/readyz is 200 as soon as one pool admits work; a benchmark needs every pool."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(base + "/readyz", timeout=2.0)
+            pools = last.json().get("pools", {}) if last.status_code in (200, 503) else {}
+            if pools and all(p["ready"] for p in pools.values()):
+                return
+        except (httpx.HTTPError, ValueError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{base}: not every pool was ready within {timeout_s:.0f}s (last: "
+                       f"{getattr(last, 'text', last)!r})")
+
+
 # -- subprocesses ------------------------------------------------------------------------
 @contextlib.contextmanager
 def subprocess_server(args: Sequence[str], *, ready_url: str, timeout_s: float = 60.0,
@@ -385,7 +404,7 @@ def orchestrator(pools: list[dict[str, Any]], *, name: str = "bench", num_cpus: 
         if direct_ingress:
             port = find_direct_ingress_port("/readyz", ready_timeout_s)
         base = f"http://{HOST}:{port}"
-        wait_http(base + "/readyz", ready_timeout_s, ok=lambda s: s == 200)
+        wait_all_pools_ready(base, ready_timeout_s)
         yield Orchestrator(base, name, parsed, port)
     finally:
         ray_stop()

@@ -374,6 +374,39 @@ def _pull_model(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_provision(api: Api, args: argparse.Namespace) -> int:
+    """Plan (``--plan``: steps and preflight, nothing runs) or provision an engine through
+    ``POST /v2/catalog/engines``; a provisioned engine is handed off to the pools."""
+    spec: dict[str, Any] = {"mode": args.mode, "engine": args.engine}
+    for name, value in (("version", args.engine_version), ("url", args.engine_url), ("package", args.package),
+                        ("image", args.image), ("sha256", args.sha256), ("source", args.source), ("ref", args.ref),
+                        ("target", args.target)):
+        if value:
+            spec[name] = value
+    if args.cmake_flag:
+        spec["cmake_flags"] = list(args.cmake_flag)
+    body: dict[str, Any] = {"spec": spec, "dry_run": bool(args.plan)}
+    for name, value in (("id", args.id), ("pool_id", args.pool), ("model_ref", args.model), ("node_id", args.node)):
+        if value:
+            body[name] = value
+    result = api.request("POST", "/v2/catalog/engines", json=body, ok=(200, 201),
+                         timeout=httpx.Timeout(None, connect=5.0)).json()
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.plan:
+        print(f"plan {result['handoff_id']}: {result['mode']} {result['engine']} {result.get('version') or ''}".rstrip())
+        for index, step in enumerate(result["steps"], 1):
+            print(f"{index:>2}. {step['kind']:<13} {json.dumps(step['detail'], sort_keys=True)}")
+        for item in result.get("missing", []):
+            print(f"missing: {item['tool']} (needed for {item['needed_for']}); install it: {item['how']}")
+        print("preflight: ok" if result.get("preflight_ok") else "preflight: tools are missing on the node")
+    else:
+        where = result.get("binary_path") or result.get("url") or result.get("package") or result.get("image") or ""
+        print(f"handed off {result['id']}: {result.get('mode')} {result['engine']} "
+              f"{result.get('engine_version') or ''} {where}".replace("  ", " ").rstrip())
+    return EXIT_FAILED if args.plan and result.get("missing") else 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start Ray (or join RAY_ADDRESS / --address), Serve and the orchestrator app; serve until
     Ctrl-C or SIGTERM, then remove what was started."""
@@ -505,6 +538,26 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("ref", help="model ref: hf:org/repo/file.gguf, https://..., file:/path, pkg:...")
     pull.add_argument("--id", help="catalog id (default: from the ref's name)")
     pull.add_argument("--digest", help="expected sha256:<hex>; a mismatch fails the pull")
+
+    provision = commands.add_parser("provision", parents=[common],
+                                    help="plan or provision an engine (external, package, container, binary, source)")
+    provision.add_argument("--plan", action="store_true", help="show the steps and the node's preflight; run nothing")
+    provision.add_argument("--mode", required=True, choices=["external", "package", "container", "binary", "source"])
+    provision.add_argument("--engine", default="llamacpp", help="engine name (default: llamacpp)")
+    provision.add_argument("--engine-version", help="version to record in the handoff")
+    provision.add_argument("--engine-url", help="external: the server's URL; binary: the download URL")
+    provision.add_argument("--sha256", help="binary: the required sha256:<hex> of the download")
+    provision.add_argument("--package", help="package: the pip requirement")
+    provision.add_argument("--image", help="container: the image")
+    provision.add_argument("--source", help="source: a git URL (default llama.cpp's) or file:/abs/dir")
+    provision.add_argument("--ref", help="source: the git tag or commit to build")
+    provision.add_argument("--target", help="source/binary: the executable (default: llama-server)")
+    provision.add_argument("--cmake-flag", action="append", help="source: an extra -DNAME=value (repeatable)")
+    provision.add_argument("--pool", help="hand the engine to this pool")
+    provision.add_argument("--model", help="the model ref the engine serves")
+    provision.add_argument("--id", help="handoff id (default: from the plan)")
+    provision.add_argument("--node", help="Ray node id to provision on (default: the orchestrator's)")
+    provision.add_argument("--json", action="store_true", help="print the answer as JSON")
     return parser
 
 
@@ -521,6 +574,7 @@ COMMANDS: dict[str, Callable[[Api, argparse.Namespace], int]] = {
     "pools": cmd_pools,
     "status": cmd_status,
     "models": cmd_models,
+    "provision": cmd_provision,
 }
 
 

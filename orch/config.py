@@ -28,7 +28,7 @@ from orch.api.tasks import ID_PATTERN, Engine
 from orch.core.queue import QueuePolicy
 
 #: Engines a pool can host today.
-POOL_ENGINES = (Engine.llamacpp, Engine.vllm, Engine.mock)
+POOL_ENGINES = (Engine.llamacpp, Engine.vllm, Engine.external, Engine.mock)
 
 
 class ConfigError(ValueError):
@@ -68,11 +68,20 @@ class PoolConfig(_Strict):
     engine_options: dict[str, Any] = Field(default_factory=dict)
     #: Seconds a finished task's events stay available to late or resuming streams.
     retain_finished_s: float = Field(default=300, gt=0)
+    #: A running task whose engine produces nothing for this long ends with DECODE_TIMEOUT
+    #: (prefill included, so leave room for long prompts); none: only deadlines are watched.
+    stall_timeout_s: Optional[float] = Field(default=None, gt=0)
+    #: Seconds an engine gets to hand a slot back after the watchdog ended its task; past
+    #: that the engine counts as hung, the pool stops taking work and is restarted.
+    stuck_slot_grace_s: float = Field(default=10, gt=0)
     #: Identical pools to run; more than one makes a replica set whose members are named
     #: ``<id>-0``, ``<id>-1``... (a pin to ``<id>`` takes any member).
     replicas: int = Field(default=1, ge=1, le=256)
     #: The replica set a pool belongs to (set when ``replicas`` is expanded; defaults to the id).
     replica_set: Optional[str] = Field(default=None, pattern=ID_PATTERN)
+    #: VRAM per GPU, for placement and the fit check where NVML cannot read it (other
+    #: vendors' GPUs, a simulated cluster); NVML's numbers win when it can.
+    gpu_memory_bytes: Optional[int] = Field(default=None, ge=1)
     #: Extra Ray resources the pool actor asks for (custom node labels, accelerator types).
     resources: dict[str, float] = Field(default_factory=dict)
     #: Ray node id the pool must run on; none: wherever its resources fit.
@@ -214,8 +223,15 @@ class CatalogConfig(_Strict):
     hf_endpoint: Optional[str] = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
     #: Longest a provisioning request waits for its download before answering.
     provision_timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
+    #: A task for a pool that waits for its model starts the model's fetch (when the outbound
+    #: policy allows it); off: only POST /v2/catalog/models or a handoff provides the model.
+    fetch_on_demand: bool = True
+    #: Where provisioned engines (downloaded binaries, source builds) are kept on each node.
+    engine_cache: str = Field(default=".runtime/engine-cache", validate_default=True, min_length=1)
+    #: Watched directory of handoff files (JSON; see orch/catalog/handoff_files.py).
+    handoff_dir: str = Field(default=".runtime/engines", validate_default=True, min_length=1)
 
-    @field_validator("root", "model_cache")
+    @field_validator("root", "model_cache", "engine_cache", "handoff_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
         return str(Path(value).expanduser().resolve())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import httpx
 import pytest
@@ -61,6 +61,42 @@ def home_config(**pool_overrides: Any) -> dict[str, Any]:
     return data
 
 
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.1) -> Any:
+    """The predicate's first truthy value, polled every ``every_s`` for at most ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every_s)
+    raise AssertionError(f"condition not met within {timeout_s}s (last: {last!r})")
+
+
+async def manager_events(manager: Any, task_id: str, budget_s: float = 20.0) -> list[tuple[int, str, dict]]:
+    """A task's whole event stream, read from a PoolManager the way the ingress polls it."""
+    events, cursor = [], 0
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        result = await manager.poll(task_id, cursor, 0.5)
+        events.extend(result["events"])
+        if result["events"]:
+            cursor = result["events"][-1][0] + 1
+        if result["done"]:
+            return events
+    raise AssertionError(f"{task_id} did not end within {budget_s} s: {events}")
+
+
+def mock_pool_config(pool_id: str, **overrides: Any) -> Any:
+    """A mock-engine PoolConfig on CPU, one slot unless overridden."""
+    from orch.config import PoolConfig
+
+    fields = dict(id=pool_id, engine="mock", model=f"mock-{pool_id}", num_gpus=0, num_cpus=0, allow_cpu=True,
+                  slots=1, engine_options={"tokens_per_s": 200})
+    fields.update(overrides)
+    return PoolConfig.model_validate(fields)
+
+
 def wait_ready(client: httpx.Client, timeout_s: float = 60.0, token: str | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     last = None
@@ -112,12 +148,17 @@ def deploy(serve_port) -> Iterator[Callable[..., httpx.Client]]:
 
 
 def read_sse(response: httpx.Response, on_event: Callable[[str, dict], None] | None = None) -> list[tuple[int, str, dict]]:
-    """Parse an SSE stream into (id, event, data) until it ends."""
+    """Every event of an SSE response as (id, kind, data)."""
+    return parse_sse(response.iter_lines(), on_event)
+
+
+def parse_sse(lines: Iterable[str], on_event: Callable[[str, dict], None] | None = None) -> list[tuple[int, str, dict]]:
+    """SSE lines as (id, kind, data) events; ``on_event`` sees each as it completes."""
     import json
 
     events: list[tuple[int, str, dict]] = []
     current: dict[str, str] = {}
-    for line in response.iter_lines():
+    for line in lines:
         if line == "":
             if "event" in current:
                 item = (int(current.get("id", -1)), current["event"], json.loads(current.get("data", "{}")))

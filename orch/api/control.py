@@ -29,6 +29,7 @@ class PoolMetrics(BaseModel):
     service_ms: float = Field(description="moving average of one task's run time")
     vram_total_bytes: int = 0
     vram_free_bytes: int = 0
+    device_mask: Optional[str] = Field(default=None, description="the GPUs Ray granted the pool (ids on its node)")
     counters: PoolCounters
 
 
@@ -123,6 +124,7 @@ def health_from_snapshot(snap: dict[str, Any], live: bool = True) -> PoolHealth:
             service_ms=snap.get("service_ms", 0.0),
             vram_total_bytes=snap.get("vram_total_bytes", 0),
             vram_free_bytes=snap.get("vram_free_bytes", 0),
+            device_mask=snap.get("device_mask"),
             counters=PoolCounters(**snap.get("counters", {})),
         ),
     )

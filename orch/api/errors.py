@@ -10,6 +10,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from orch.api.preparation import Preparation
+
 
 class ErrorCode(str, Enum):
     ADMISSION_REJECT = "ADMISSION_REJECT"
@@ -56,6 +58,8 @@ class ErrorEnvelope(BaseModel):
     retry_after_ms: Optional[int] = Field(default=None, ge=0)
     policy_label: Optional[str] = None
     correlation_id: Optional[str] = None
+    preparation: Optional[Preparation] = Field(
+        default=None, description="POOL_UNREADY for a model that is not present: what would make it present")
 
 
 class BackpressureBody(ErrorEnvelope):

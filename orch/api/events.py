@@ -48,13 +48,25 @@ class SSEToken(BaseModel):
 
 
 class SSEMetrics(BaseModel):
-    """Pool snapshot during a task; fields may be added compatibly."""
+    """Where a task stands, sent when it starts, about once a second while it runs, and
+    every 2 s while it waits in the queue; fields may be added compatibly."""
 
     model_config = ConfigDict(extra="allow")
 
-    queue_depth: Optional[int] = None
-    on_time_probability: Optional[float] = None
-    kv_warmth: Optional[bool] = None
+    queue_depth: Optional[int] = Field(default=None, description="tasks waiting in the pool's queue")
+    queue_position: Optional[int] = Field(default=None, description="this task's place in the queue (0 = next); "
+                                          "null once it runs")
+    on_time_probability: Optional[float] = Field(
+        default=None, ge=0, le=1, description="chance to finish before deadline_ms at the pool's measured first-token "
+        "time and decode rate (assuming all max_tokens are generated); null without a deadline or before the pool "
+        "has measured a task")
+    kv_warmth: Optional[bool] = Field(default=None, description="the task's session ran its last turn on this pool")
+    tokens_out: Optional[int] = Field(default=None, ge=0)
+    tokens_per_s: Optional[float] = Field(default=None, description="the pool's measured decode rate")
+    budgets: Optional[dict[str, Optional[float]]] = Field(
+        default=None, description="the session's budgets left (tokens, time_ms, cost), this task's use so far deducted")
+    prep: Optional[dict] = Field(default=None, description="preparation progress while the pool loads the model")
+    human: Optional[str] = Field(default=None, description="one plain sentence; only with ?verbose=true")
 
 
 class SSEEnd(BaseModel):

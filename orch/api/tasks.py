@@ -14,6 +14,8 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orch.api.preparation import Preparation
+
 #: Largest seed accepted (int64, as in the seed contract). Engines with a narrower seed
 #: type fold it deterministically (see each engine).
 MAX_SEED = 2**63 - 1
@@ -190,3 +192,6 @@ class AdmissionResponse(BaseModel):
     backoff_ms: int = Field(ge=0)
     pool_id: str
     streams: StreamLinks
+    preparation: Optional[Preparation] = Field(
+        default=None, description="the pool waits for its model: the task is queued there and starts once the "
+                                  "model is fetched and loaded; its stream reports progress in metrics.prep")

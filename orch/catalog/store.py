@@ -4,6 +4,7 @@ Layout under the root::
 
     catalog.json          {"schema_version": N}: the layout version of this directory
     models/<id>.json      one record per model (the source of truth)
+    handoffs/<id>.json    one record per handoff: an engine and/or a model ready for the pools
     index.sqlite3         id, ref, digest, state... for lookups; rebuilt from the records
 
 A record is written to a temporary file in the same directory, fsynced, then renamed over
@@ -26,14 +27,15 @@ from typing import Any, Iterator, Optional
 
 from pydantic import ValidationError
 
-from orch.api.catalog import SCHEMA_VERSION, CatalogModel, ModelState
+from orch.api.catalog import SCHEMA_VERSION, CatalogModel, HandoffRecord, ModelState
 from orch.api.tasks import ID_PATTERN
 
 RECORDS_DIR = "models"
+HANDOFFS_DIR = "handoffs"
 INDEX_FILE = "index.sqlite3"
 MARKER_FILE = "catalog.json"
 #: Layout of the sqlite index; a different one is dropped and rebuilt from the records.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _MODEL_ID = re.compile(ID_PATTERN)
 
 
@@ -70,6 +72,10 @@ def _check_schema(data: dict[str, Any], where: str) -> None:
 
 def parse_record(raw: bytes, where: str) -> dict[str, Any]:
     """A record file's content, validated; raises CatalogError / CatalogSchemaError."""
+    return _parse(raw, where, CatalogModel, "catalog record")
+
+
+def _parse(raw: bytes, where: str, model: type, what: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -78,9 +84,10 @@ def parse_record(raw: bytes, where: str) -> dict[str, Any]:
         raise CatalogError(f"{where} is not a JSON object")
     _check_schema(data, where)
     try:
-        return CatalogModel.model_validate(data).model_dump(mode="json")
+        return model.model_validate(data).model_dump(mode="json")
     except ValidationError as exc:
-        raise CatalogError(f"{where} is not a valid catalog record: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        raise CatalogError(f"{where} is not a valid {what}: {first['loc']}: {first['msg']}") from None
 
 
 def _read_record(root: Path, model_id: str) -> Optional[dict[str, Any]]:
@@ -111,8 +118,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def _iter_record_files(root: Path) -> Iterator[Path]:
-    folder = root / RECORDS_DIR
+def parse_handoff(raw: bytes, where: str) -> dict[str, Any]:
+    """A handoff file's content, validated; raises CatalogError / CatalogSchemaError."""
+    return _parse(raw, where, HandoffRecord, "handoff record")
+
+
+def _handoff_path(root: Path, handoff_id: str) -> Path:
+    return root / HANDOFFS_DIR / f"{check_model_id(handoff_id)}.json"
+
+
+def _iter_record_files(root: Path, folder_name: str = RECORDS_DIR) -> Iterator[Path]:
+    folder = root / folder_name
     if not folder.is_dir():
         return
     for path in sorted(folder.iterdir()):
@@ -183,6 +199,7 @@ class CatalogStore:
                 raise CatalogError(f"{marker} is not valid JSON: {exc}") from None
             _check_schema(data if isinstance(data, dict) else {}, str(marker))
         (self.root / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+        (self.root / HANDOFFS_DIR).mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
             atomic_write(marker, json.dumps({"schema_version": SCHEMA_VERSION}).encode())
         self._ensure_index()
@@ -216,15 +233,34 @@ class CatalogStore:
             )
             conn.execute("CREATE INDEX models_ref ON models (ref)")
             conn.execute("CREATE INDEX models_digest ON models (digest)")
+            conn.execute("DROP TABLE IF EXISTS handoffs")
+            conn.execute(
+                "CREATE TABLE handoffs (id TEXT PRIMARY KEY, engine TEXT NOT NULL, pool_id TEXT, model_ref TEXT,"
+                " origin TEXT NOT NULL, updated_at REAL NOT NULL)"
+            )
+            conn.execute("CREATE INDEX handoffs_model_ref ON handoffs (model_ref)")
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('index_version', ?)", (str(INDEX_VERSION),))
 
     def _fill_index(self, conn: sqlite3.Connection) -> int:
         records = [parse_record(path.read_bytes(), str(path)) for path in _iter_record_files(self.root)]
+        handoffs = [parse_handoff(path.read_bytes(), str(path))
+                    for path in _iter_record_files(self.root, HANDOFFS_DIR)]
         with conn:
             conn.execute("DELETE FROM models")
+            conn.execute("DELETE FROM handoffs")
             for record in records:
                 self._index_row(conn, record)
+            for handoff in handoffs:
+                self._index_handoff(conn, handoff)
         return len(records)
+
+    @staticmethod
+    def _index_handoff(conn: sqlite3.Connection, record: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO handoffs VALUES (?, ?, ?, ?, ?, ?)",
+            (record["id"], record["engine"], record["pool_id"], record["model_ref"], record["origin"],
+             record["updated_at"]),
+        )
 
     @staticmethod
     def _index_row(conn: sqlite3.Connection, record: dict[str, Any]) -> None:
@@ -326,3 +362,52 @@ class CatalogStore:
 
     def locate(self, ref: str, state: Optional[str] = ModelState.Active.value) -> Optional[dict[str, Any]]:
         return locate(self.root, ref, state)
+
+    # ------------------------------------------------------------------ handoffs
+
+    def put_handoff(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Validate and store a handoff record, written like model records (atomically)."""
+        if "schema_version" in record:
+            _check_schema(record, f"handoff '{record.get('id')}'")
+        now = time.time()
+        path = _handoff_path(self.root, record.get("id", ""))
+        previous = self.get_handoff(record["id"])
+        data = dict(record, schema_version=SCHEMA_VERSION, updated_at=now)
+        data["created_at"] = previous["created_at"] if previous else (data.get("created_at") or now)
+        try:
+            validated = HandoffRecord.model_validate(data).model_dump(mode="json")
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise CatalogError(f"handoff '{data.get('id')}' is not valid: {first['loc']}: {first['msg']}") from None
+        atomic_write(path, json.dumps(validated, sort_keys=True, indent=1).encode())
+        conn = self._connect()
+        try:
+            with conn:
+                self._index_handoff(conn, validated)
+        finally:
+            conn.close()
+        return validated
+
+    def get_handoff(self, handoff_id: str) -> Optional[dict[str, Any]]:
+        path = _handoff_path(self.root, handoff_id)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return parse_handoff(raw, str(path))
+
+    def list_handoffs(self) -> list[dict[str, Any]]:
+        return [parse_handoff(path.read_bytes(), str(path)) for path in _iter_record_files(self.root, HANDOFFS_DIR)]
+
+    def delete_handoff(self, handoff_id: str) -> Optional[dict[str, Any]]:
+        record = self.get_handoff(handoff_id)
+        if record is None:
+            return None
+        _handoff_path(self.root, handoff_id).unlink(missing_ok=True)
+        conn = self._connect()
+        try:
+            with conn:
+                conn.execute("DELETE FROM handoffs WHERE id = ?", (handoff_id,))
+        finally:
+            conn.close()
+        return record

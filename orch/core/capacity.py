@@ -4,7 +4,9 @@ out-of-memory crash in the middle of loading. Plain Python, no Ray."""
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from typing import Optional
 
 from orch.engines.base import EngineError
@@ -25,11 +27,43 @@ def check_fits(pool_id: str, needed_bytes: int, available: tuple[Optional[int], 
         )
 
 
-def available_memory(num_gpus: float) -> tuple[Optional[int], str]:
-    """Free memory where the model will live: the granted GPUs' VRAM, or host RAM on CPU."""
+def available_memory(num_gpus: float, declared_per_gpu: Optional[int] = None) -> tuple[Optional[int], str]:
+    """Free memory where the model will live: the granted GPUs' VRAM (NVML, else the size
+    the config declares), or host RAM on CPU."""
     if num_gpus > 0:
-        return _free_vram(), "the pool's GPU memory"
+        free = _free_vram()
+        if free is None and declared_per_gpu:
+            return declared_per_gpu * max(1, math.ceil(num_gpus)), "the pool's GPU memory (as configured)"
+        return free, "the pool's GPU memory"
     return _host_available(), "host memory"
+
+
+class GpuMemory:
+    """Total and free VRAM of a pool's GPUs, for the placement snapshot: NVML's numbers for
+    the devices Ray granted, else the config's ``gpu_memory_bytes`` per GPU less the loaded
+    model's estimate; (0, 0) on CPU. Read at most once a second (NVML calls are not free
+    and the snapshot is read several times a second)."""
+
+    def __init__(self, num_gpus: float, declared_per_gpu: Optional[int] = None, max_age_s: float = 1.0) -> None:
+        self.gpus = max(1, math.ceil(num_gpus)) if num_gpus > 0 else 0
+        self.declared_per_gpu = declared_per_gpu
+        self.max_age_s = max_age_s
+        self._read_at = -math.inf
+        self._measured: Optional[tuple[int, int]] = None
+
+    def read(self, model_bytes: int) -> tuple[int, int]:
+        if not self.gpus:
+            return 0, 0
+        now = time.monotonic()
+        if now - self._read_at >= self.max_age_s:
+            self._measured = _vram()
+            self._read_at = now
+        if self._measured is not None:
+            return self._measured
+        if self.declared_per_gpu:
+            total = self.declared_per_gpu * self.gpus
+            return total, max(0, total - model_bytes)
+        return 0, 0
 
 
 def _host_available() -> Optional[int]:
@@ -45,6 +79,12 @@ def _host_available() -> Optional[int]:
 
 def _free_vram() -> Optional[int]:
     """Free VRAM summed over the visible GPUs (NVML), or None when it cannot be read."""
+    measured = _vram()
+    return measured[1] if measured is not None else None
+
+
+def _vram() -> Optional[tuple[int, int]]:
+    """(total, free) VRAM summed over the visible GPUs (NVML), or None when unreadable."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
@@ -54,6 +94,9 @@ def _free_vram() -> Optional[int]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else \
             list(range(pynvml.nvmlDeviceGetCount()))
-        return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free for i in indices)
+        if not indices:
+            return None
+        infos = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
+        return sum(info.total for info in infos), sum(info.free for info in infos)
     except Exception:  # no driver, no device: unknown
         return None

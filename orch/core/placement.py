@@ -160,6 +160,16 @@ def place(
         if preferred:
             return PlacementDecision(best(preferred).pool_id, candidates_considered=considered)
         if not overrides.allow_fallback:
+            named = ", ".join(overrides.prefer_pools)
+            if not any(p.named(overrides.prefer_pools) for p in pools):
+                known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
+                raise OrchError(ErrorCode.INVALID_PARAMS,
+                                f"placement.prefer_pools ({named}) names no configured pool and allow_fallback is "
+                                f"false; configured pools: {known}", engine=engine)
+            if not any(p.named(overrides.prefer_pools) for p in serving):
+                raise OrchError(ErrorCode.POOL_UNAVAILABLE,
+                                f"none of the preferred pools ({named}) serves {wanted} and allow_fallback is false",
+                                engine=engine)
             raise OrchError(
                 ErrorCode.POOL_UNREADY,
                 "none of the preferred pools ("

@@ -125,6 +125,13 @@ class SessionBook:
             return None
         return session.last_pool_id
 
+    def budgets_left(self, session_id: str) -> Optional[dict[str, Any]]:
+        """What the session may still spend (a new session: everything); None without budgets."""
+        if not self.policy.has_budgets:
+            return None
+        session = self._live(session_id)
+        return self._remaining(session or _Session(last_active=self._clock()))
+
     def _refusal(self, session_id: str, usage: _Session, max_tokens: int, deadline_ms: Optional[int]) -> Optional[str]:
         policy = self.policy
         name = f"session '{session_id}'"

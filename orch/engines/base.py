@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from orch.api.events import FinishReason
 
@@ -31,12 +31,16 @@ class EngineError(RuntimeError):
     """The engine failed; the pool reports it with the engine's name.
 
     ``fatal`` marks a failure of the engine itself (driver lost, device error) rather than
-    of one request: the pool stops admitting and its supervisor restarts it.
+    of one request: the pool stops admitting and its supervisor restarts it. ``code`` says
+    how a task-level failure reaches the client (an upstream's refusal of the request is
+    INVALID_PARAMS, not INTERNAL).
     """
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
+    def __init__(self, message: str, *, fatal: bool = False, code: Optional[Any] = None) -> None:
         super().__init__(message)
         self.fatal = fatal
+        #: The stable error code the task ends with (orch.api.errors.ErrorCode); INTERNAL if None.
+        self.code = code
 
 
 class Engine(ABC):

@@ -24,6 +24,8 @@ class RayMetricsExporter:
         self._snapshot = snapshot
         self._last: dict[tuple, float] = {}
         self._last_hist: dict[tuple, list[int]] = {}
+        #: Export passes made (what ``status`` reports).
+        self.exports = 0
         self.counters = {
             name: metrics.Counter(f"orch_{name}", description=text, tag_keys=TAGS)
             for name, text in (("tasks_enqueued_total", "Tasks admitted into a pool's queue"),
@@ -41,6 +43,7 @@ class RayMetricsExporter:
 
     def export_once(self) -> None:
         snap = self._snapshot()
+        self.exports += 1
         pool = {"pool_id": snap["pool_id"], "engine": snap["engine"]}
         metrics = snap.get("metrics", {})
         for name, key in (("tasks_enqueued_total", "enqueued"), ("tasks_started_total", "started"),
@@ -70,6 +73,11 @@ class RayMetricsExporter:
             for _ in range(max(0, now - then)):
                 histogram.observe(bound, tags=tags)
         self._last_hist[key] = list(data["counts"])
+
+    def status(self) -> dict[str, Any]:
+        """Export passes so far and each counter's exported total, per tag set."""
+        return {"exports": self.exports,
+                "totals": {f"orch_{name}{dict(tags)}": total for (name, tags), total in sorted(self._last.items())}}
 
     async def run(self) -> None:
         while True:

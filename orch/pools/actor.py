@@ -39,7 +39,8 @@ def _digest(pool: PoolConfig, artifacts_root: str) -> str:
 
 @ray.remote
 class PoolActor:
-    def __init__(self, config: dict[str, Any], namespace: str, artifacts_root: str) -> None:
+    def __init__(self, config: dict[str, Any], namespace: str, artifacts_root: str,
+                 runtime_env_key: Optional[str] = None) -> None:
         from orch.pools.manager import PoolManager
 
         from orch.observability.logs import configure_logging
@@ -48,8 +49,15 @@ class PoolActor:
         self.config = PoolConfig.model_validate(config)
         self.namespace = namespace
         self.digest = _digest(self.config, artifacts_root)
+        #: The runtime_env this actor was started with (a handed-off package or container).
+        self.runtime_env_key = runtime_env_key
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.manager = PoolManager(self.config)
+        granted = ray.get_gpu_ids()
+        self.manager.device_mask = ",".join(str(gpu) for gpu in granted) if granted else None
         self._artifacts_root = artifacts_root
+        self._ray_metrics = None
+        self._ray_metrics_task: Optional[asyncio.Task] = None
         self._artifacts = None
         self._sessions = None
         self.manager.finish_listeners.append(self._charge_session)
@@ -91,14 +99,51 @@ class PoolActor:
     def config_digest(self) -> str:
         return self.digest
 
-    async def start(self) -> dict[str, Any]:
-        return await self.manager.start()
+    async def start(self, binding: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        snap = await self.manager.start(binding)
+        self._export_to_ray()
+        return self._with_placement(snap)
+
+    def _export_to_ray(self) -> None:
+        """Replay the pool's key series into ray.util.metrics (Ray's metrics export and
+        dashboard; see deployments/grafana-llama-orch.json), from the first start on."""
+        if self._ray_metrics is not None:
+            return
+        from orch.observability.ray_metrics import RayMetricsExporter
+
+        try:
+            self._ray_metrics = RayMetricsExporter(self.manager.snapshot)
+        except Exception:  # metrics must never keep a pool from serving
+            log.exception("pool %s: Ray metrics export is off", self.config.id)
+            return
+        self._ray_metrics_task = asyncio.get_running_loop().create_task(self._ray_metrics.run())
+
+    async def ray_metrics_status(self, export_now: bool = False) -> Optional[dict[str, Any]]:
+        """What this pool has exported to Ray's metrics (None when the export is off)."""
+        if self._ray_metrics is None:
+            return None
+        if export_now:
+            self._ray_metrics.export_once()
+        return self._ray_metrics.status()
 
     async def snapshot(self) -> dict[str, Any]:
-        return self.manager.snapshot()
+        return self._with_placement(self.manager.snapshot())
 
-    async def submit(self, request: TaskRequest, task_id: str, correlation_id: Optional[str] = None) -> dict[str, Any]:
-        return await self.manager.submit(request, task_id, correlation_id)
+    def _with_placement(self, snap: dict[str, Any]) -> dict[str, Any]:
+        snap["node_id"] = self.node_id
+        snap["runtime_env_key"] = self.runtime_env_key
+        return snap
+
+    async def bind(self, binding: dict[str, Any]) -> dict[str, Any]:
+        """The catalog's new binding for this pool (see orch/catalog/binding.py)."""
+        return self._with_placement(await self.manager.bind(binding))
+
+    async def set_preparation(self, prep: Optional[dict[str, Any]]) -> None:
+        self.manager.set_preparation(prep)
+
+    async def submit(self, request: TaskRequest, task_id: str, correlation_id: Optional[str] = None,
+                     context: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        return await self.manager.submit(request, task_id, correlation_id, context)
 
     async def poll(self, task_id: str, cursor: int, wait_s: float) -> dict[str, Any]:
         return await self.manager.poll(task_id, cursor, wait_s)
@@ -151,8 +196,9 @@ def ensure_pools(config: OrchConfig) -> dict[str, "ray.actor.ActorHandle"]:
     return handles
 
 
-def create_pool_actor(pool: PoolConfig, config: OrchConfig):
-    """A new pool actor (not started): Ray places it by its GPUs, CPUs and resources."""
+def create_pool_actor(pool: PoolConfig, config: OrchConfig, runtime_env: Optional[dict[str, Any]] = None):
+    """A new pool actor (not started): Ray places it by its GPUs, CPUs and resources;
+    ``runtime_env`` is a handed-off engine's (a pip package, a container image)."""
     from orch.config import to_wire
 
     options: dict[str, Any] = dict(
@@ -165,12 +211,61 @@ def create_pool_actor(pool: PoolConfig, config: OrchConfig):
     )
     if pool.resources:
         options["resources"] = dict(pool.resources)
-    if pool.node_id:
+    bundles = gpu_bundles(pool)
+    if bundles:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        # The actor takes its CPUs from bundle 0 and no GPU: the engine's own workers (vLLM's
+        # Ray executor) are started as child actors in the group and take one GPU each.
+        options["num_gpus"] = 0
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            _pool_group(pool.id, config.namespace, bundles), placement_group_bundle_index=0,
+            placement_group_capture_child_tasks=True)
+    elif pool.node_id:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=pool.node_id, soft=False)
     spec = to_wire(config)["pools"][[p.id for p in config.pools].index(pool.id)]
-    return PoolActor.options(**options).remote(spec, config.namespace, config.artifacts.root)
+    if runtime_env:
+        options["runtime_env"] = dict(runtime_env)
+    from orch.catalog.binding import runtime_env_key
+
+    return PoolActor.options(**options).remote(spec, config.namespace, config.artifacts.root,
+                                               runtime_env_key(runtime_env) if runtime_env else None)
+
+
+def gpu_bundles(pool: PoolConfig) -> Optional[list[dict[str, float]]]:
+    """The placement group a pool spanning several GPUs runs in (vLLM with tensor or
+    pipeline parallelism), or None for a pool that is one actor with its own resources."""
+    if pool.engine.value != "vllm":
+        return None
+    from orch.engines.vllm_engine import placement_bundles
+
+    return placement_bundles(pool.engine_options, pool.num_cpus)
+
+
+def group_name(pool_id: str, namespace: str) -> str:
+    return f"orch-pool-group:{namespace}:{pool_id}"
+
+
+def _pool_group(pool_id: str, namespace: str, bundles: list[dict[str, float]]):
+    """A fresh detached group for the pool (one left by a previous actor of it is removed:
+    its actor is gone, and the group would only hold the GPUs)."""
+    from ray.util.placement_group import placement_group
+
+    remove_pool_group(pool_id, namespace)
+    return placement_group(bundles, strategy="PACK", name=group_name(pool_id, namespace), lifetime="detached")
+
+
+def remove_pool_group(pool_id: str, namespace: str) -> bool:
+    from ray.util.placement_group import get_placement_group, remove_placement_group
+
+    try:
+        group = get_placement_group(group_name(pool_id, namespace))
+    except ValueError:
+        return False
+    remove_placement_group(group)
+    return True
 
 
 def _wait_gone(name: str, namespace: str, timeout_s: float = 10.0) -> None:
@@ -204,6 +299,9 @@ def shutdown_pools(config: OrchConfig) -> list[str]:
         ray.kill(handle, no_restart=True)
         _wait_gone(actor_name(pool.id), config.namespace)
         removed.append(pool.id)
+    for pool in config.pools:
+        if gpu_bundles(pool):
+            remove_pool_group(pool.id, config.namespace)
     return removed
 
 

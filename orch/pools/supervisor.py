@@ -8,6 +8,13 @@ time, after an exponential backoff. A circuit breaker (orch/core/supervision.py)
 restart storm: the pool stays Unready and says why. Ray decides where a pool lands from
 its resources (``num_gpus``, ``num_cpus``, custom ``resources``), so a pool whose node dies
 comes back on another node that has the capacity.
+
+It also binds pools to the catalog (orch/catalog/watcher.py, orch/catalog/binding.py): a
+pool whose model is not present yet holds ("waiting for model"), which is not a failure and
+never counts against the restart policy; when the catalog gets the model (provisioned, or
+handed off) the pool is bound in place, without a restart, and becomes Ready; a retired model
+makes the pools serving it hold; a handed-off engine whose runtime_env differs replaces the
+actor. Tasks queued in a waiting pool trigger the model's fetch when the policy allows it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from typing import Any, Optional
 
 import ray
 
+from orch.catalog import binding as bindings
+from orch.catalog.watcher import CatalogWatcher
 from orch.config import OrchConfig, parse_config
 from orch.core.supervision import RestartPolicy, RestartState
 
@@ -49,10 +58,17 @@ class Supervisor:
         self.counted: set[str] = set()
         self._loop_task: Optional[asyncio.Task] = None
         self._round = asyncio.Lock()
+        self.catalog = CatalogWatcher(self.config)
+        self._catalog_refresh: Optional[asyncio.Task] = None
+        #: The model each pool serves now (an operator's reload may have changed it).
+        self.models: dict[str, str] = {}
+        #: The last binding computed per pool, for status().
+        self.bindings: dict[str, dict[str, Any]] = {}
 
     async def apply(self, config: dict[str, Any]) -> None:
         """Take a new configuration; pools whose config changed are replaced."""
         self.config = parse_config(config, "supervisor config")
+        self.catalog.configure(self.config)
         self.policy = RestartPolicy(**self.config.supervision.policy())
         for state in self.states.values():
             state.policy = self.policy
@@ -73,8 +89,53 @@ class Supervisor:
 
     async def reconcile(self) -> dict[str, Any]:
         async with self._round:
+            self._refresh_catalog()
             await asyncio.gather(*(self._reconcile_pool(pool.id) for pool in self.config.pools))
         return self.status()
+
+    def _refresh_catalog(self) -> None:
+        """Read the catalog in the background: a slow or restarting catalog actor never
+        delays supervision; rounds bind with the newest view there is (none at first)."""
+        if self._catalog_refresh is None or self._catalog_refresh.done():
+            models = [self.models.get(pool.id, pool.model) for pool in self.config.pools]
+            self._catalog_refresh = asyncio.get_running_loop().create_task(self.catalog.refresh(models))
+
+    def _binding(self, pool, model: Optional[str] = None) -> Optional[dict[str, Any]]:
+        """What the catalog says ``pool`` loads (None: not known this round)."""
+        found = self.catalog.binding(pool.id, pool.engine.value, model or pool.model,
+                                     attached_url=pool.engine_options.get("base_url"))
+        if found is not None:
+            self.bindings[pool.id] = found
+        return found
+
+    @staticmethod
+    def _binding_changed(snap: dict[str, Any], binding: dict[str, Any]) -> bool:
+        actual = snap.get("binding")
+        if actual is None:  # started without the catalog's word: only a non-local binding is news
+            return binding["status"] != bindings.LOCAL
+        return actual.get("load_key") != binding["load_key"] or actual.get("status") != binding["status"]
+
+    @staticmethod
+    def _bind_failed(snap: dict[str, Any], binding: dict[str, Any]) -> bool:
+        return (snap.get("binding") or {}).get("failed_key") == binding["load_key"]
+
+    @staticmethod
+    def _runtime_env_changed(snap: dict[str, Any], binding: dict[str, Any]) -> bool:
+        return snap.get("runtime_env_key") != binding.get("runtime_env_key")
+
+    async def _prepare(self, handle, snap: dict[str, Any], binding: Optional[dict[str, Any]], model: str) -> None:
+        """A pool that holds: keep its preparation plan current and, when tasks wait for the
+        model and the policy allows, have it fetched."""
+        if binding is None or binding["status"] not in (bindings.WAITING, bindings.RETIRED):
+            return
+        prep = binding.get("preparation")
+        if prep is not None and _without_warmup(prep) != _without_warmup(snap.get("preparation")):
+            try:
+                await asyncio.wait_for(handle.set_preparation.remote(prep), PING_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                return
+        if binding["status"] == bindings.WAITING and snap.get("queue_depth", 0) > 0 and not snap.get("engine") == "external":
+            await self.catalog.fetch_for(binding, model, snap.get("node_id"))
 
     def _state(self, pool_id: str) -> RestartState:
         if pool_id not in self.states:
@@ -110,13 +171,41 @@ class Supervisor:
                 self._kill(handle)
                 handle = None
             else:
+                model = snap.get("model_ref") or pool.model
+                self.models[pool_id] = model
+                binding = self._binding(pool, model)
+                held = snap.get("waiting_for_model") or snap.get("model_retired")
                 if digest != config_digest(pool, self.config):
                     log.info("pool %s configuration changed; replacing it", pool_id)
                     await self._stop(handle)
                     handle = None
+                elif binding is not None and self._bind_failed(snap, binding):
+                    if pool_id not in self.counted:
+                        self.counted.add(pool_id)
+                        state.failed(snap.get("last_error") or "binding the catalog's model failed")
+                    await self._note(handle, state)
+                    if not state.may_restart():
+                        return
+                    log.warning("restarting pool %s: %s", pool_id, state.last_cause, extra={
+                        "pool_id": pool_id, "human": f"Pool {pool_id} could not load its new model; restarting it."})
+                    await self._stop(handle)
+                    handle = None
+                elif binding is not None and self._runtime_env_changed(snap, binding):
+                    log.info("pool %s: its engine's runtime_env changed (handoff %s); replacing it", pool_id,
+                             binding.get("handoff_id"), extra={"pool_id": pool_id, "human": (
+                                 f"Pool {pool_id} restarts with the engine handed off to it.")})
+                    await self._stop(handle)
+                    handle = None
+                elif binding is not None and self._binding_changed(snap, binding):
+                    self.starting[pool_id] = asyncio.get_running_loop().create_task(
+                        self._bind(pool_id, handle, binding))
+                    return
                 elif snap["ready"]:
                     state.came_up()
                     state.observe_healthy()
+                    return
+                elif held:  # waiting for its model, or its model retired: not a failure
+                    await self._prepare(handle, snap, binding, model)
                     return
                 elif snap.get("engine_failed") or (snap.get("last_error") and not snap.get("loading")):
                     if pool_id not in self.counted:
@@ -136,29 +225,61 @@ class Supervisor:
                 return
             if state.failures:
                 state.restarting()
+            self.models[pool_id] = pool.model  # a new actor starts on the configured model
+            binding = self._binding(pool)
             try:
-                handle = create_pool_actor(pool, self.config)
+                handle = create_pool_actor(pool, self.config, runtime_env=(binding or {}).get("runtime_env"))
             except ValueError:  # the old actor's name is not released yet
                 return
             self.seen.add(pool_id)
             self.counted.discard(pool_id)
-            self.starting[pool_id] = asyncio.get_running_loop().create_task(self._start(pool_id, handle))
+            if state.failures:  # while the replacement loads, its snapshot says why it restarted
+                await self._note(handle, state)
+            self.starting[pool_id] = asyncio.get_running_loop().create_task(self._start(pool_id, handle, binding))
 
-    async def _start(self, pool_id: str, handle) -> None:
+    async def _bind(self, pool_id: str, handle, binding: dict[str, Any]) -> None:
+        """Hand a live pool its new binding (it loads, swaps or holds in place)."""
         state = self._state(pool_id)
-        try:
-            snap = await asyncio.wait_for(handle.start.remote(), START_TIMEOUT_S)
-        except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
-            state.failed(f"pool died while starting: {type(exc).__name__}: {exc}"[:500])
-            self._kill(handle)
+        snap = await self._loaded(pool_id, handle, handle.bind.remote(binding), "binding its model")
+        if snap is None:
+            return
+        if snap["ready"]:
+            state.came_up()
+            log.info("pool %s bound (%s) and ready", pool_id, binding.get("model_id") or binding.get("handoff_id"),
+                     extra={"pool_id": pool_id, "human": f"Pool {pool_id} is ready on the catalog's model."})
+        elif snap.get("waiting_for_model") or snap.get("model_retired"):
+            log.info("pool %s holds: %s", pool_id, binding.get("note"), extra={"pool_id": pool_id})
+
+    async def _start(self, pool_id: str, handle, binding: Optional[dict[str, Any]] = None) -> None:
+        state = self._state(pool_id)
+        snap = await self._loaded(pool_id, handle, handle.start.remote(binding), "starting")
+        if snap is None:
             return
         if snap["ready"]:
             state.came_up()
             log.info("pool %s ready", pool_id, extra={"pool_id": pool_id, "human": f"Pool {pool_id} is ready."})
+        elif snap.get("waiting_for_model") or snap.get("model_retired"):
+            log.info("pool %s waits: %s", pool_id, snap.get("last_error"), extra={
+                "pool_id": pool_id, "human": f"Pool {pool_id} is up and waits for its model."})
         else:
             self.counted.add(pool_id)
             state.failed(snap.get("last_error") or "did not become ready")
             await self._note(handle, state)
+
+    async def _loaded(self, pool_id: str, handle, call, doing: str) -> Optional[dict[str, Any]]:
+        """The snapshot a start or bind call answers; None when it failed (counted; a dead or
+        wedged actor is killed, and either way a later round restarts the pool)."""
+        state = self._state(pool_id)
+        try:
+            return await asyncio.wait_for(call, START_TIMEOUT_S)
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+            state.failed(f"pool died while {doing}: {type(exc).__name__}: {exc}"[:500])
+            self._kill(handle)
+        except Exception as exc:  # the call itself failed
+            self.counted.add(pool_id)
+            state.failed(f"pool failed while {doing}: {type(exc).__name__}: {str(exc)[:300]}")
+            await self._note(handle, state)
+        return None
 
     async def _note(self, handle, state: RestartState) -> None:
         try:
@@ -198,6 +319,8 @@ class Supervisor:
                 "circuit_open": state.circuit_open,
                 "last_cause": state.last_cause,
                 "note": state.describe(),
+                "binding": {key: (self.bindings.get(pool_id) or {}).get(key)
+                            for key in ("status", "model_id", "handoff_id", "note")},
             }
             for pool_id, state in self.states.items()
         }
@@ -217,6 +340,13 @@ class Supervisor:
             await self._stop(handle)
             removed.append(pool.id)
         return removed
+
+
+def _without_warmup(prep: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """A preparation plan without the pool's own warm-up step (the pool keeps that one)."""
+    if prep is None:
+        return None
+    return dict(prep, steps=[step for step in prep.get("steps", []) if step.get("step") != "pool_warmup"])
 
 
 def _head_node_resource() -> dict[str, float]:

@@ -38,6 +38,9 @@ class TaskRecord:
     inputs: Optional[list[str]] = None
     #: The request as admitted (for the transcript, which redacts the prompt).
     request: dict[str, Any] = field(default_factory=dict)
+    #: What the ingress knew at admission (session kv_warmth, budgets left, prices), for
+    #: the task's ``metrics`` frames; ids and numbers only.
+    context: dict[str, Any] = field(default_factory=dict)
     #: Called under the lock with (record, kind, data) for the terminal event; returns the
     #: data to append (the pool adds the transcript id there).
     finalizer: Optional[Callable[["TaskRecord", str, dict[str, Any]], dict[str, Any]]] = None
@@ -45,8 +48,15 @@ class TaskRecord:
     admitted_at: float = field(default_factory=time.monotonic)
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
+    first_token_at: Optional[float] = None
+    #: When the last ``metrics`` frame was pushed.
+    metrics_at: Optional[float] = None
+    #: When the last event was appended (the watchdog's measure of a stalled engine).
+    last_event_at: Optional[float] = None
     tokens_out: int = 0
     cancelled: bool = False
+    #: Cancel arrived after the task's own terminal event but before it was all handed out.
+    ended_before_cancel: bool = False
     events: list[Event] = field(default_factory=list)
     handed_out: int = 0
     acked: int = 0
@@ -68,27 +78,39 @@ class TaskRecord:
         with self._lock:
             if self.terminal:
                 return False
-            if kind in TERMINAL_EVENTS and self.finalizer is not None:
-                data = self.finalizer(self, kind, data)
-            self.events.append((kind, data))
-            if kind == "token":
-                self.tokens_out += 1
-            if kind in TERMINAL_EVENTS:
-                self.state = "done"
-                self.finished_at = time.monotonic()
-            schedule = not self._wake_scheduled
-            self._wake_scheduled = True
+            schedule = self._append_locked(kind, data)
         if schedule:
             self._schedule_wake()
         return True
 
     def push_token(self, text: str) -> bool:
-        """Token from the engine thread, numbered in stream order; False stops generation."""
+        """Token from the engine thread, numbered in stream order; False stops generation.
+
+        The cancelled check and the append happen under one lock hold, so a token can
+        never slip in between cancel's cut and its ``end``."""
         with self._lock:
             if self.cancelled or self.terminal:
                 return False
-            index = self.tokens_out
-        return self.push("token", {"t": text, "i": index})
+            schedule = self._append_locked("token", {"t": text, "i": self.tokens_out})
+        if schedule:
+            self._schedule_wake()
+        return True
+
+    def _append_locked(self, kind: str, data: dict[str, Any], *, finalize: bool = True) -> bool:
+        """Append under the lock; True when the caller must schedule a wake-up."""
+        if finalize and kind in TERMINAL_EVENTS and self.finalizer is not None:
+            data = self.finalizer(self, kind, data)
+        self.events.append((kind, data))
+        self.last_event_at = time.monotonic()
+        if kind == "token":
+            self.tokens_out += 1
+        if kind in TERMINAL_EVENTS:
+            self.state = "done"
+            if self.finished_at is None:
+                self.finished_at = time.monotonic()
+        schedule = not self._wake_scheduled
+        self._wake_scheduled = True
+        return schedule
 
     def _schedule_wake(self) -> None:
         loop = self._loop
@@ -156,17 +178,29 @@ class TaskRecord:
 
         Returns the cut point, the number of events consumers may still be writing, which
         cancel waits to see acknowledged; None when the task had already ended and every
-        event was handed out, so cancel changes nothing.
+        event was handed out, so cancel changes nothing. When the task had ended but its
+        tail was not handed out yet, the tail is still cut, and ``ended_before_cancel`` is
+        set: the task was already finalized (transcript written, outcome counted) and the
+        replacement ``end`` only closes the stream, carrying the same transcript id.
         """
         with self._lock:
             self.cancelled = True
             cut = self.handed_out
             if self.terminal and cut >= len(self.events):
                 return None
+            already_over = self.terminal
+            transcript_id = self.events[-1][1].get("transcript_id") if already_over else None
             del self.events[cut:]
             self.tokens_out = sum(1 for kind, _ in self.events if kind == "token")
             end = dict(end, tokens_out=self.tokens_out)
-        self.push("end", end)
+            if already_over:
+                self.ended_before_cancel = True
+                if transcript_id is not None:
+                    end["transcript_id"] = transcript_id
+            # Cut and end in one lock hold: nothing the engine pushes can land in between.
+            schedule = self._append_locked("end", end, finalize=not already_over)
+        if schedule:
+            self._schedule_wake()
         return cut
 
     async def wait_acknowledged(self, upto: int, timeout_s: float) -> bool:

@@ -73,3 +73,23 @@ class BadModelFile(ProvisionError):
     """The fetched file is not a readable model (a corrupt GGUF header); it was removed."""
 
     code = ErrorCode.INVALID_PARAMS
+
+
+class ToolMissing(ProvisionError):
+    """A program the plan needs is not on the node; the message names it and how to get it."""
+
+    code = ErrorCode.INVALID_PARAMS
+
+
+class BuildFailed(ProvisionError):
+    """A step that runs a program (git, cmake, the built binary) failed; the message carries
+    the end of its output."""
+
+    code = ErrorCode.INTERNAL
+
+
+class EngineUnreachable(ProvisionError):
+    """An external engine did not answer as an OpenAI-compatible server should."""
+
+    code = ErrorCode.POOL_UNAVAILABLE
+    retriable = True

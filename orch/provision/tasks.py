@@ -88,3 +88,51 @@ def _remove_files(local_path: str, model_cache: str) -> list[str]:
 def start_removal(local_path: str, model_cache: str, node_id: Optional[str]) -> "ray.ObjectRef":
     """Delete files the catalog downloaded, on the node that holds them."""
     return _remove_files.options(scheduling_strategy=on_node(node_id)).remote(local_path, model_cache)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe_runtime_env(module: str) -> str:
+    import importlib
+
+    imported = importlib.import_module(module)
+    return f"{module} {getattr(imported, '__version__', 'installed')}"
+
+
+def _verify_env(runtime_env: dict[str, Any], module: str) -> str:
+    """Import ``module`` in a task that runs in ``runtime_env`` on this node (Ray builds and
+    caches the environment, as it will for the pool actor)."""
+    task = _probe_runtime_env.options(runtime_env=runtime_env, scheduling_strategy=on_node(None))
+    return ray.get(task.remote(module), timeout=3600)
+
+
+@ray.remote(max_retries=0)
+def _provision_engine(plan_dict: dict[str, Any], settings: Any, catalog: Any) -> dict[str, Any]:
+    from orch.provision.engines import EnginePlan, execute
+
+    plan = EnginePlan.from_dict(plan_dict)
+    record = execute(plan, settings, verify_env=_verify_env, node_id=current_node_id())
+    return ray.get(catalog.put_handoff.remote(record), timeout=60)
+
+
+def start_engine_provision(plan: Any, settings: Any, catalog: Any, node_id: Optional[str] = None) -> "ray.ObjectRef":
+    """Provision an engine on ``node_id`` and hand it off to the catalog; the ref is the stored
+    handoff record. A source build asks Ray for the CPUs it compiles with."""
+    cpus = float(settings.build_jobs) if plan.mode == "source" else 0.0
+    cpus = min(cpus, max(0.0, float(ray.cluster_resources().get("CPU", 0))))
+    return _provision_engine.options(num_cpus=cpus, scheduling_strategy=on_node(node_id)).remote(
+        plan.to_dict(), settings, catalog)
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _preflight(plan_dict: dict[str, Any]) -> list[dict[str, str]]:
+    from orch.provision.engines import EnginePlan, preflight
+
+    return preflight(EnginePlan.from_dict(plan_dict))
+
+
+def start_preflight(plan: Any, node_id: Optional[str] = None) -> "ray.ObjectRef":
+    """Which programs the plan needs are missing on ``node_id``."""
+    return _preflight.options(scheduling_strategy=on_node(node_id)).remote(plan.to_dict())

@@ -96,10 +96,11 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     """The body as JSON, refusing oversized, non-UTF-8 or malformed input with typed errors."""
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise invalid("Content-Length is not a number")
-        if int(length) > max_bytes:
-            raise OrchError(ErrorCode.INVALID_PARAMS, f"request body of {length} bytes exceeds the limit of {max_bytes} bytes")
+        if len(length) > 18 or int(length) > max_bytes:
+            raise OrchError(ErrorCode.INVALID_PARAMS,
+                            f"request body of {length[:24]} bytes exceeds the limit of {max_bytes} bytes")
     chunks = []
     size = 0
     async for chunk in request.stream():

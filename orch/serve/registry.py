@@ -41,6 +41,8 @@ class PoolRegistry:
         self._locations: OrderedDict[str, str] = OrderedDict()
         self._nudged_at = 0.0
         self._views: Optional[list[PoolView]] = None
+        #: Each pool's last reported error, shown while its actor cannot be reached.
+        self._causes: dict[str, str] = {}
 
     # -- snapshot ------------------------------------------------------------------------
     async def rows(self) -> dict[str, dict[str, Any]]:
@@ -66,6 +68,8 @@ class PoolRegistry:
                 rows[pool_id] = self._unreachable_row(pool_id, result)
             else:
                 rows[pool_id] = result
+                if result.get("last_error"):
+                    self._causes[pool_id] = result["last_error"]
         self._rows = rows
         self._views = None
         self._taken_at = time.monotonic()
@@ -91,15 +95,20 @@ class PoolRegistry:
         asyncio.get_running_loop().run_in_executor(None, nudge)
 
     async def _snapshot_of(self, pool_id: str) -> dict[str, Any]:
-        handle = self.handles.get(pool_id)
-        if handle is None:
-            handle = pool_handle(pool_id, self.config.namespace)
-            self.handles[pool_id] = handle
-        try:
-            return await handle.snapshot.remote()
-        except ray.exceptions.RayActorError:
-            self.handles.pop(pool_id, None)  # look it up again next time: it may have been restarted
-            raise
+        """The pool's snapshot; a cached handle to an actor that was replaced (the supervisor
+        restarted the pool) is looked up again by name once before the pool counts as lost."""
+        for attempt in range(2):
+            handle = self.handles.get(pool_id)
+            if handle is None:
+                handle = await asyncio.to_thread(pool_handle, pool_id, self.config.namespace)
+                self.handles[pool_id] = handle
+            try:
+                return await handle.snapshot.remote()
+            except ray.exceptions.RayActorError:
+                self.handles.pop(pool_id, None)
+                if attempt:
+                    raise
+        return {}  # not reached: the second attempt returns or raises
 
     def _unreachable_row(self, pool_id: str, exc: BaseException) -> dict[str, Any]:
         pool = self.config.pool(pool_id)
@@ -115,8 +124,15 @@ class PoolRegistry:
             "slots": pool.slots,
             "active_slots": 0,
             "queue_depth": 0,
-            "last_error": f"pool actor unreachable: {type(exc).__name__}",
+            "last_error": self._unreachable_cause(pool_id, exc),
         }
+
+    def _unreachable_cause(self, pool_id: str, exc: BaseException) -> str:
+        said = f"pool actor unreachable: {type(exc).__name__}"
+        if isinstance(exc, ValueError):  # no actor of that name (yet)
+            said = "pool actor not running (the supervisor starts or restarts it)"
+        cause = self._causes.get(pool_id)
+        return f"{said}; last error: {cause}" if cause else said
 
     async def views(self) -> list[PoolView]:
         """The snapshot as placement views, built once per refresh (or local admission)."""

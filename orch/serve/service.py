@@ -14,9 +14,9 @@ from typing import Any, AsyncIterator, Optional, Protocol, Union
 import ray
 
 from orch.api.errors import ErrorCode
-from orch.api.tasks import EmbeddingRequest, TaskRequest
+from orch.api.tasks import EmbeddingRequest, PlacementMode, PlacementOverrides, TaskRequest
 from orch.core.errors import OrchError
-from orch.core.placement import PlacementDecision, place
+from orch.core.placement import PlacementDecision, PoolView, place
 from orch.observability.ingress_metrics import IngressCounters
 from orch.observability.logs import bind
 from orch.serve.registry import PoolRegistry
@@ -29,15 +29,42 @@ POLL_WAIT_S = 15.0
 AnyTask = Union[TaskRequest, EmbeddingRequest]
 
 
+@dataclass
+class SessionTurn:
+    """A session's answer to one more turn: where its last turn ran (affinity) and what it
+    may still spend (None without budgets; prices per 1k tokens for the cost budget)."""
+
+    last_pool_id: Optional[str]
+    budgets: Optional[dict[str, Any]] = None
+    prices: Optional[dict[str, float]] = None
+
+    def context_on(self, pool_id: str) -> dict[str, Any]:
+        """What the pool shows in the task's metrics frames (ids and numbers only)."""
+        return {"kv_warmth": self.last_pool_id == pool_id, "budgets": self.budgets, "prices": self.prices}
+
+
 class SessionGate(Protocol):
     """Sessions as admission sees them (implemented over the shared sessions actor)."""
 
-    async def before_admit(self, session_id: str, request: AnyTask) -> Optional[str]:
+    async def before_admit(self, session_id: str, request: AnyTask) -> SessionTurn:
         """Check the session's turns and budgets (raise OrchError BUDGET_EXCEEDED to
-        refuse); returns the pool that served its last turn, for affinity."""
+        refuse); returns where its last turn ran, for affinity, and its budgets left."""
 
     async def after_admit(self, session_id: str, pool_id: str, decision: PlacementDecision) -> None:
         """Record the turn and where it went."""
+
+
+class PreparationError(OrchError):
+    """POOL_UNREADY from a pool that waits for its model, with the plan that would make it
+    present (the error body's ``preparation``)."""
+
+    def __init__(self, error: OrchError, preparation: dict[str, Any]) -> None:
+        super().__init__(error.code, error.message, retriable=error.retriable, retry_after_ms=error.retry_after_ms,
+                         pool_id=error.pool_id, engine=error.engine, policy_label=error.policy_label)
+        self.preparation = preparation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(super().to_dict(), preparation=self.preparation)
 
 
 @dataclass
@@ -61,8 +88,10 @@ class TaskService:
         task_id = task.task_id or uuid.uuid4().hex
         bind(task_id=task_id, session_id=task.session_id)
         session_pool_id = None
+        turn: Optional[SessionTurn] = None
         if task.session_id and self.sessions is not None:
-            session_pool_id = await self.sessions.before_admit(task.session_id, task)
+            turn = await self.sessions.before_admit(task.session_id, task)
+            session_pool_id = turn.last_pool_id
         views = await self.registry.views()
         try:
             decision = place(
@@ -74,15 +103,20 @@ class TaskService:
                 workload=task.workload.value,
             )
         except OrchError as exc:
-            self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
-            raise
+            waiting = _preparing_pool(views, await self.registry.rows(), task) \
+                if exc.code == ErrorCode.POOL_UNREADY else None
+            if waiting is None:
+                self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
+                raise
+            decision = waiting
         self.counters.placed(decision)
         log.info("placed on %s", decision.pool_id, extra={
             "pool_id": decision.pool_id, "session_id": task.session_id,
             "human": _placement_sentence(decision)})
         bind(pool_id=decision.pool_id)
         try:
-            result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id)
+            context = turn.context_on(decision.pool_id) if turn is not None else None
+            result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id, context)
         except ray.exceptions.RayActorError:
             self.registry.forget(decision.pool_id)
             raise OrchError(
@@ -93,7 +127,10 @@ class TaskService:
                 pool_id=decision.pool_id,
             ) from None
         if "error" in result:
-            raise OrchError.from_dict(result["error"])
+            error = OrchError.from_dict(result["error"])
+            if result["error"].get("preparation") is not None:
+                raise PreparationError(error, result["error"]["preparation"])
+            raise error
         self.registry.remember(task_id, decision.pool_id)
         self.registry.note_admitted(decision.pool_id)
         log.info("admitted at position %d", result["queue_position"], extra={
@@ -128,6 +165,33 @@ class TaskService:
         if not result.get("found"):
             raise OrchError(ErrorCode.NOT_FOUND, f"no task '{task_id}'")
         return result
+
+
+def _preparing_pool(views: list[PoolView], rows: dict[str, dict[str, Any]], task: AnyTask) -> Optional[PlacementDecision]:
+    """A pool that holds for the model this task asks for (waiting for it, or retired), when no
+    Ready pool can take it: placement never picks a pool that is not Ready, but such a pool
+    answers with its preparation plan, queuing the task while its model is fetched."""
+    overrides = task.placement or PlacementOverrides()
+    engine = task.engine.value if task.engine else None
+    pin = overrides.pin_pool_id if overrides.mode == PlacementMode.pin else None
+    found = []
+    for view in views:
+        row = rows.get(view.pool_id, {})
+        if not (row.get("waiting_for_model") or row.get("model_retired")) or view.draining:
+            continue
+        if (pin is not None and not view.named([pin])) or view.named(overrides.avoid_pools):
+            continue
+        if not view.serves(engine, task.model_ref, task.workload.value):
+            continue
+        if overrides.require_device_mask is not None and view.device_mask != overrides.require_device_mask:
+            continue
+        if overrides.prefer_pools and not overrides.allow_fallback and not view.named(overrides.prefer_pools):
+            continue
+        found.append(view)
+    if not found:
+        return None
+    chosen = min(found, key=lambda view: (view.queue_depth, view.pool_id))
+    return PlacementDecision(chosen.pool_id, pinned=pin is not None, candidates_considered=len(found))
 
 
 def _placement_sentence(decision: PlacementDecision) -> str:

@@ -28,9 +28,11 @@ class SessionsActor:
         self.book.configure(policy)
 
     async def check(self, session_id: str, max_tokens: int, deadline_ms: Optional[int]) -> dict[str, Any]:
-        """``{"last_pool_id": ...}``, or ``{"error": envelope}`` when the turn is refused."""
+        """``{"last_pool_id", "budgets"}`` (budgets left, None without budgets), or
+        ``{"error": envelope}`` when the turn is refused."""
         try:
-            return {"last_pool_id": self.book.check(session_id, max_tokens=max_tokens, deadline_ms=deadline_ms)}
+            last_pool_id = self.book.check(session_id, max_tokens=max_tokens, deadline_ms=deadline_ms)
+            return {"last_pool_id": last_pool_id, "budgets": self.book.budgets_left(session_id)}
         except OrchError as exc:
             return {"error": exc.to_dict()}
 

@@ -18,7 +18,7 @@ from orch.config import SessionsConfig
 from orch.core.errors import OrchError
 from orch.core.placement import PlacementDecision
 from orch.core.sessions import SessionPolicy
-from orch.serve.service import AnyTask
+from orch.serve.service import AnyTask, SessionTurn
 from orch.sessions.actor import sessions_actor
 
 log = logging.getLogger("orch.ingress")
@@ -46,13 +46,15 @@ class SessionsGate:
         self._handle = None
         self._connecting = asyncio.Lock()
 
-    async def before_admit(self, session_id: str, request: AnyTask) -> Optional[str]:
-        """Refuse (BUDGET_EXCEEDED) a turn the session may not take; else its last pool."""
+    async def before_admit(self, session_id: str, request: AnyTask) -> SessionTurn:
+        """Refuse (BUDGET_EXCEEDED) a turn the session may not take; else its last pool and
+        the budgets it has left."""
         max_tokens = getattr(request, "max_tokens", None) or 0
         result = await self._call("check", session_id, max_tokens, request.deadline_ms)
         if "error" in result:
             raise OrchError.from_dict(result["error"])
-        return result["last_pool_id"]
+        prices = {"in": self.policy.cost_per_1k_tokens_in, "out": self.policy.cost_per_1k_tokens_out}
+        return SessionTurn(result["last_pool_id"], result.get("budgets"), prices)
 
     async def after_admit(self, session_id: str, pool_id: str, decision: PlacementDecision) -> None:
         """Count the turn. The task is already queued, so a failure here is logged, never

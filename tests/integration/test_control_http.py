@@ -148,7 +148,8 @@ def test_purge_removes_queued_tasks_and_tells_their_streams(client):
     queued = [submit(client, max_tokens=8).json()["task_id"] for _ in range(3)]
     response = client.post("/v2/pools/default/purge")
     assert response.status_code == 202, response.text
-    assert response.json()["purged_queued"] == 3 and response.json()["running"] == 1
+    assert response.json()["purged_queued"] == 3 and response.json()["running"] == 1, (
+        response.json(), client.get("/v2/tasks").json())
     for task_id in queued:
         kind, data = events_of(client, task_id)[-1][1:]
         assert kind == "error" and data["code"] == "POOL_UNAVAILABLE" and data["retriable"] is True

@@ -7,17 +7,22 @@ import time
 
 import httpx
 import pytest
+import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from orch.observability.names import METRICS
+from orch.pools.actor import pool_handle
 from tests.conftest import home_config, read_sse
 
 pytestmark = pytest.mark.integration
+
+NAMESPACE = "orch-metrics-it"
 
 
 @pytest.fixture(scope="module")
 def client(deploy) -> httpx.Client:
     config = home_config(queue={"capacity": 2, "policy": "reject"})
+    config["namespace"] = NAMESPACE
     return deploy(config, name="orch-metrics-it", route_prefix="/met")
 
 
@@ -87,3 +92,19 @@ def test_values_follow_the_work(client):
     for blocker in blockers:
         if blocker.status_code == 202:
             client.post(f"/v2/tasks/{blocker.json()['task_id']}/cancel")
+
+
+def test_the_pool_replays_its_series_into_ray_metrics(client):
+    """The key series also go to ray.util.metrics from inside the pool actor (Ray's metrics
+    export and dashboard), growing by what the pool did."""
+    response = client.post("/v2/tasks", json={"prompt": "Once upon a time", "max_tokens": 3, "seed": 2})
+    with client.stream("GET", f"/v2/tasks/{response.json()['task_id']}/events") as stream:
+        read_sse(stream)
+    pool = pool_handle("default", NAMESPACE)
+    status = ray.get(pool.ray_metrics_status.remote(export_now=True))
+    counters = ray.get(pool.snapshot.remote())["metrics"]
+    assert status is not None and status["exports"] >= 1
+    exported = {key: total for key, total in status["totals"].items() if key.startswith("orch_tasks_enqueued_total")}
+    assert exported, status
+    assert sum(exported.values()) == sum(counters["enqueued"].values()) >= 1
+    assert all("'pool_id': 'default'" in key for key in exported)

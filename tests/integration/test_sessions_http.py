@@ -103,6 +103,29 @@ def test_first_use_creates_the_session_and_usage_is_charged(client):
     assert PROMPT not in client.get("/v2/sessions/story-1").text  # metadata only
 
 
+def test_metrics_frames_carry_warmth_and_budgets_and_verbose_adds_a_sentence(client):
+    first = run_turn(client, "story-m")
+    frame = next(data for _, kind, data in first if kind == "metrics")
+    prompt_tokens = first[0][2]["prompt_tokens"]
+    assert frame["kv_warmth"] is False and frame["queue_position"] is None and frame["tokens_out"] == 0
+    assert frame["budgets"]["tokens"] == TOKENS - prompt_tokens
+    assert frame["budgets"]["cost"] == pytest.approx(COST - prompt_tokens * PRICE_IN / 1000)
+    assert "human" not in frame  # the narration is for ?verbose=true
+    left = TOKENS - used_tokens(first)
+    settled(client, "story-m", left)
+
+    response = submit(client, "story-m")
+    task_id = response.json()["task_id"]
+    assert response.json()["streams"]["sse_verbose"].endswith("?verbose=true")
+    with client.stream("GET", response.json()["streams"]["sse_verbose"]) as stream:
+        second = read_sse(stream)
+    frame = next(data for _, kind, data in second if kind == "metrics")
+    assert frame["kv_warmth"] is True  # the session's last turn ran on this pool
+    assert frame["budgets"]["tokens"] == left - second[0][2]["prompt_tokens"]
+    assert frame["human"].startswith("Generating on pool default") and "budget left" in frame["human"]
+    assert task_id not in frame["human"] and "story-m" not in frame["human"]
+
+
 def test_a_request_over_the_token_budget_is_refused_before_it_is_queued(client):
     events = run_turn(client, "story-2", max_tokens=8)
     left = TOKENS - used_tokens(events)

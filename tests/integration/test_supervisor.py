@@ -11,7 +11,7 @@ import ray
 
 from orch.pools.actor import pool_handle
 from orch.pools.supervisor import supervisor_status
-from tests.conftest import read_sse
+from tests.conftest import wait_for, read_sse
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +41,6 @@ def cluster(deploy):
     return client, "orch-supervision"
 
 
-def wait_for(predicate, timeout_s: float = 30.0, every_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(every_s)
-    raise AssertionError(f"condition not met within {timeout_s}s (last: {last!r})")
 
 
 def health(client: httpx.Client, pool_id: str) -> dict:

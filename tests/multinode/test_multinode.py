@@ -25,6 +25,8 @@ def test_pools_follow_their_gpus_across_nodes():
     assert lines, f"no result; stderr tail:\n{result.stderr[-3000:]}"
     observed = json.loads(lines[-1])
     assert result.returncode == 0 and observed.get("ok"), (observed, result.stderr[-3000:])
-    assert observed["used"] == ["pool-a", "pool-b"]
+    assert observed["used"] == ["pool-a", "pool-b"] and observed["first"] == "pool-b"
+    assert observed["vram_total"] == {"pool-a": 24, "pool-b": 80}
+    assert observed["tp_group"]["strategy"] == "PACK" and len(observed["tp_group"]["bundles"]) == 2
     assert len(set(observed["placed"].values())) == 2  # one pool per GPU node
     assert observed["restarted_on"] not in observed["placed"].values()  # a new node, the old one is gone

@@ -29,6 +29,12 @@ PURE_MODULES = [
     "orch.observability.logs",
     "orch.pools.manager",
     "orch.pools.task_record",
+    "orch.api.preparation",
+    "orch.core.forecast",
+    "orch.catalog.binding",
+    "orch.catalog.handoff_files",
+    "orch.provision.engines",
+    "orch.engines.external",
 ]
 
 

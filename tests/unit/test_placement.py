@@ -412,13 +412,19 @@ def test_chosen_pool_is_a_minimal_candidate(pools, engine, model_ref, o, session
     try:
         decision = place(pools, engine=engine, model_ref=model_ref, overrides=o, session_pool_id=session)
     except OrchError as exc:
+        strict_prefer = bool(o.prefer_pools) and not o.allow_fallback
         if not any(p.serves(engine, model_ref) for p in pools):
             assert exc.code == ErrorCode.POOL_UNAVAILABLE
+        elif cands and strict_prefer and not any(p.named(o.prefer_pools) for p in pools):
+            assert exc.code == ErrorCode.INVALID_PARAMS and not exc.retriable  # a typo: retrying cannot help
+        elif cands and strict_prefer and not any(p.named(o.prefer_pools) and p.serves(engine, model_ref)
+                                                 for p in pools):
+            assert exc.code == ErrorCode.POOL_UNAVAILABLE and not exc.retriable
         else:
             assert exc.code == ErrorCode.POOL_UNREADY
             preferred = [p for p in cands if p.pool_id in o.prefer_pools]
             # only refused with candidates around when prefer forbids fallback
-            assert not cands or (o.prefer_pools and not o.allow_fallback and not preferred)
+            assert not cands or (strict_prefer and not preferred)
         return
     by_id = {p.pool_id: p for p in cands}
     assert decision.pool_id in by_id

@@ -158,3 +158,33 @@ def test_no_token_reaches_a_stream_after_cancel_returns(total, cancel_after, con
     assert [data["i"] for _, _, data in tokens] == list(range(len(tokens)))
     assert written[-1][1] == "end"
     assert [index for index, _, _ in written] == list(range(len(written)))
+
+
+def test_cancel_after_the_end_cuts_the_unsent_tail_without_ending_the_task_twice():
+    """The task ended on its own, but its stream was handed only part of it: cancel still
+    cuts the rest (nothing reaches the stream after cancel returns), yet the task is not
+    finalized again: one transcript, and the end keeps the first one's id."""
+
+    async def scenario():
+        record = make_record()
+        finals = []
+
+        def finalizer(rec, kind, data):
+            finals.append(kind)
+            return dict(data, transcript_id=f"tr-{len(finals)}")
+
+        record.finalizer = finalizer
+        record.push("started", {})
+        record.push_token("a")
+        handed, _ = await record.poll(0, 0.0)
+        record.push_token("b")
+        record.push("end", {"tokens_out": 2, "finish_reason": "length"})
+        cut = record.cut_and_end({"finish_reason": "cancelled"})
+        rest, done = await record.poll(len(handed), 0.0)
+        return finals, cut, handed + rest, done, record
+
+    finals, cut, events, done, record = asyncio.run(scenario())
+    assert finals == ["end"] and cut == 2 and done
+    assert [kind for _, kind, _ in events] == ["started", "token", "end"]
+    assert events[-1][2] == {"finish_reason": "cancelled", "tokens_out": 1, "transcript_id": "tr-1"}
+    assert record.ended_before_cancel and record.tokens_out == 1

@@ -1,9 +1,12 @@
 """``/v2/catalog/models``: provision models into the catalog, read, verify, retire, delete them.
+``/v2/catalog/engines``: plan (``dry_run``) or provision an engine and hand it off.
+``/v2/catalog/handoffs``: the handoff records pools bind to (list, hand one off, remove one).
 
 The catalog actor (``state.extras["catalog"]``) holds the records; provisioning runs as a Ray
 task on the target node (the ingress's node unless ``node_id`` says otherwise) and stores its
 record itself. Bad refs, refused downloads and digest mismatches are 400 ``INVALID_PARAMS``;
-an unreachable catalog is 503 ``POOL_UNAVAILABLE``.
+an unreachable catalog is 503 ``POOL_UNAVAILABLE``. The pool supervisor sees every change
+within a reconcile round and binds the pools that wait for it (no ingress restart).
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from orch.api.catalog import (
+    SCHEMA_VERSION,
     CatalogModel,
+    EnginePlanBody,
+    EngineProvisionRequest,
+    HandoffList,
+    HandoffRecord,
     ModelCreate,
     ModelList,
     ModelState,
@@ -33,8 +41,17 @@ from orch.config import project_root
 from orch.core.errors import OrchError
 from orch.core.model_ref import ModelRefError
 from orch.provision.errors import ProvisionError
+from orch.provision import engines as engine_provision
 from orch.provision.models import ProvisionSettings, plan
-from orch.provision.tasks import alive_node_ids, start_digest, start_provision, start_removal, unwrap
+from orch.provision.tasks import (
+    alive_node_ids,
+    start_digest,
+    start_engine_provision,
+    start_preflight,
+    start_provision,
+    start_removal,
+    unwrap,
+)
 from orch.serve.http import explain_validation, invalid, no_content, read_json
 from orch.serve.routes.tasks import path_id
 from orch.serve.routing import ApiRoute
@@ -53,6 +70,8 @@ def routes(state: IngressState) -> list[ApiRoute]:
     config = state.config
     max_body = config.server.max_body_bytes
     settings = ProvisionSettings.from_config(config.catalog, base_dir=project_root())
+    engine_settings = engine_provision.EngineSettings.from_config(config.catalog, base_dir=project_root())
+    pool_ids = {pool.id for pool in config.pools}
 
     def unavailable(why: str) -> OrchError:
         return OrchError(ErrorCode.POOL_UNAVAILABLE, f"the model catalog {why}", retriable=True, retry_after_ms=1000)
@@ -129,6 +148,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
         if wanted.dry_run:
             return JSONResponse(ProvisionPlanBody(**steps.to_dict()).model_dump())
         await check_node(wanted.node_id)
+        node_id = wanted.node_id or await waiting_node(steps.ref)
         claim = await call("begin", steps.model_id, steps.ref, wanted.digest, settings.deadline_s + 60)
         if claim["status"] == "exists":
             return JSONResponse(CatalogModel(**claim["record"]).model_dump(mode="json"), status_code=200)
@@ -141,7 +161,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
                             "retry when it is done", retriable=True, retry_after_ms=2000, policy_label="reject")
         handle = state.extras.get("catalog")
         try:
-            task = start_provision(steps, settings, handle, wanted.node_id)
+            task = start_provision(steps, settings, handle, node_id)
         except Exception as exc:
             await call("finish", steps.model_id, str(exc))
             raise unavailable(f"could not start provisioning: {exc}") from None
@@ -198,7 +218,103 @@ def routes(state: IngressState) -> list[ApiRoute]:
             raise OrchError(ErrorCode.NOT_FOUND, f"no model '{model_id}' in the catalog")
         return JSONResponse(CatalogModel(**record).model_dump(mode="json"))
 
+    async def waiting_node(ref: str) -> Optional[str]:
+        """The node of a pool that waits for ``ref``: its files must land where it loads them
+        (None: this ingress's node)."""
+        from orch.catalog.binding import catalog_key
+
+        rows = await state.registry.rows()
+        for pool_id in sorted(rows):
+            row = rows[pool_id]
+            if row.get("waiting_for_model") and row.get("node_id") and \
+                    catalog_key(row.get("model_ref") or "", project_root()) == ref:
+                return row["node_id"]
+        return None
+
+    def canonical_model_ref(raw: Optional[str]) -> Optional[str]:
+        from orch.catalog.binding import catalog_key
+
+        if raw is None:
+            return None
+        key = catalog_key(raw, project_root())
+        if key is None:
+            raise invalid(f"model_ref {raw[:200]!r} is not a model ref")
+        return key
+
+    def check_pool(pool_id: Optional[str]) -> None:
+        if pool_id is not None and pool_id not in pool_ids:
+            raise invalid(f"pool_id '{pool_id}' names no configured pool; configured: {', '.join(sorted(pool_ids))}")
+
+    async def provision_engine(request: Request) -> Response:
+        wanted = await body_of(request, EngineProvisionRequest)
+        check_pool(wanted.pool_id)
+        try:
+            steps = engine_provision.plan(wanted.spec, engine_settings, handoff_id=wanted.id, pool_id=wanted.pool_id,
+                                          model_ref=canonical_model_ref(wanted.model_ref))
+        except ProvisionError as exc:
+            raise exc.to_orch_error() from None
+        await check_node(wanted.node_id)
+        if wanted.dry_run:
+            missing = await wait_task(start_preflight(steps, wanted.node_id), 60, "the preflight")
+            body = dict(steps.to_dict(), preflight_ok=not missing, missing=missing)
+            return JSONResponse(EnginePlanBody(**body).model_dump(mode="json"))
+        task = start_engine_provision(steps, engine_settings, state.extras.get("catalog") or await reconnect(),
+                                      wanted.node_id)
+        record = await wait_task(task, engine_settings.step_timeout_s * 3 + 60, f"provisioning engine '{steps.handoff_id}'")
+        return JSONResponse(HandoffRecord(**record).model_dump(mode="json"), status_code=201)
+
+    async def list_handoffs(request: Request) -> Response:
+        records = await call("list_handoffs")
+        return JSONResponse(HandoffList(handoffs=[HandoffRecord(**r) for r in records]).model_dump(mode="json"))
+
+    async def hand_off(request: Request) -> Response:
+        body = await read_json(request, max_body)
+        if not isinstance(body, dict):
+            raise invalid("a handoff is a JSON object (see HandoffRecord)")
+        reserved = [name for name in ("origin", "created_at", "updated_at") if name in body]
+        if reserved:
+            raise invalid(f"{', '.join(reserved)} are set by the catalog")
+        if body.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise invalid(f"schema_version must be {SCHEMA_VERSION}, the catalog schema this release writes")
+        try:
+            wanted = HandoffRecord.model_validate(dict(body, origin="api"))
+        except ValidationError as exc:
+            raise invalid(explain_validation(exc)) from None
+        check_pool(wanted.pool_id)
+        record = wanted.model_dump(mode="json", exclude={"created_at", "updated_at"})
+        record["model_ref"] = canonical_model_ref(record["model_ref"])
+        existed = await call("get_handoff", wanted.id) is not None
+        stored = await call("put_handoff", record)
+        return JSONResponse(HandoffRecord(**stored).model_dump(mode="json"), status_code=200 if existed else 201)
+
+    async def read_handoff(request: Request) -> Response:
+        handoff_id = path_id(request, "handoff_id", "handoff")
+        record = await call("get_handoff", handoff_id)
+        if record is None:
+            raise OrchError(ErrorCode.NOT_FOUND, f"no handoff '{handoff_id}'")
+        return JSONResponse(HandoffRecord(**record).model_dump(mode="json"))
+
+    async def remove_handoff(request: Request) -> Response:
+        handoff_id = path_id(request, "handoff_id", "handoff")
+        if await call("remove_handoff", handoff_id) is None:
+            raise OrchError(ErrorCode.NOT_FOUND, f"no handoff '{handoff_id}'")
+        return no_content()
+
     return [
+        ApiRoute("POST", "/v2/catalog/engines", provision_engine,
+                 "Provision an engine (external, package, container, binary, source) and hand it off; dry_run "
+                 "answers the plan and the preflight", "catalog", body=EngineProvisionRequest,
+                 answers={201: HandoffRecord, 200: EnginePlanBody}),
+        ApiRoute("GET", "/v2/catalog/handoffs", list_handoffs, "Every handoff record pools bind to", "catalog",
+                 answers={200: HandoffList}),
+        ApiRoute("POST", "/v2/catalog/handoffs", hand_off,
+                 "Hand off an engine and/or a model; pools waiting for it bind to it", "catalog",
+                 body=HandoffRecord, answers={201: HandoffRecord, 200: HandoffRecord}),
+        ApiRoute("GET", "/v2/catalog/handoffs/{handoff_id}", read_handoff, "A handoff record", "catalog",
+                 answers={200: HandoffRecord}),
+        ApiRoute("DELETE", "/v2/catalog/handoffs/{handoff_id}", remove_handoff,
+                 "Remove a handoff; pools bound to it hold until another binding applies", "catalog",
+                 answers={204: None}),
         ApiRoute("POST", "/v2/catalog/models", create,
                  "Provision a model (hf:, https://, file:, pkg:) into the catalog; dry_run answers the plan",
                  "catalog", body=ModelCreate, answers={201: CatalogModel, 200: CatalogModel}),

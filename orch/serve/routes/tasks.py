@@ -52,14 +52,16 @@ def routes(state: IngressState) -> list[ApiRoute]:
             backoff_ms=result["backoff_ms"],
             pool_id=admitted.pool_id,
             streams=links(admitted.task_id),
+            preparation=result.get("preparation"),
         )
-        return JSONResponse(admission.model_dump(), status_code=202)
+        return JSONResponse(admission.model_dump(mode="json", exclude_none=True), status_code=202)
 
     async def task_events(request: Request) -> Response:
         task_id = path_id(request, "task_id", "task")
         stream = await service.open_stream(task_id, _resume_cursor(request))
+        verbose = request.query_params.get("verbose", "false").lower() in ("true", "1", "yes")
         return StreamingResponse(
-            _relay(stream),
+            _relay(stream, verbose),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -85,11 +87,20 @@ def _resume_cursor(request: Request) -> int:
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if last is None:
         return 0
-    if not last.isdigit() or len(last) > 12:
+    if not (last.isascii() and last.isdigit()) or len(last) > 12:
         raise invalid("Last-Event-ID must be the id of an event this stream sent")
     return int(last) + 1
 
 
-async def _relay(stream: TaskStream):
+async def _relay(stream: TaskStream, verbose: bool = False):
     async for batch in stream.batches():
-        yield sse.frames(batch) if batch else sse.KEEPALIVE
+        if not batch:
+            yield sse.KEEPALIVE
+            continue
+        if not verbose:  # the narration line is for ?verbose=true only
+            batch = [(index, kind, _plain(data) if kind == "metrics" else data) for index, kind, data in batch]
+        yield sse.frames(batch)
+
+
+def _plain(data: dict) -> dict:
+    return {key: value for key, value in data.items() if key != "human"} if "human" in data else data

@@ -1,0 +1,180 @@
+"""An external OpenAI-compatible server (vLLM's server, TGI's OpenAI route, llama-server,
+Ollama...) as a pool's engine.
+
+The pool keeps its own queue, slots, cancel and transcripts; each slot streams one
+``/completions`` request upstream. Cancel closes the upstream stream. Upstream failures
+map onto the stable codes: a 4xx refusal of the request is ``INVALID_PARAMS`` for that
+task, an unreachable or failing server is a fatal engine error (the pool stops admitting
+and its supervisor restarts it, which waits for the server to answer again). The upstream
+API key comes from an environment variable (``api_key_env``) or a file (``api_key_file``,
+a mounted secret) and never appears in
+errors, logs, snapshots or transcripts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from typing import Any, Optional
+
+import httpx
+
+from orch.api.errors import ErrorCode
+from orch.api.events import FinishReason
+from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+
+KNOWN_OPTIONS = {"base_url", "api_key_env", "api_key_file", "upstream_model", "timeout_s", "chars_per_token"}
+_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+
+
+class ExternalEngine(Engine):
+    name = "external"
+
+    def __init__(self, model: str, *, slots: int = 1, ctx: Optional[int] = None, **options: Any) -> None:
+        unknown = set(options) - KNOWN_OPTIONS
+        if unknown:
+            raise EngineError(f"unknown external engine options: {', '.join(sorted(unknown))}; "
+                              f"known: {', '.join(sorted(KNOWN_OPTIONS))}")
+        base_url = str(options.get("base_url", "")).rstrip("/")
+        if not _URL.match(base_url):
+            raise EngineError("external engine needs engine_options.base_url, e.g. http://127.0.0.1:8080/v1")
+        self.base_url = base_url
+        self.upstream_model = options.get("upstream_model") or model
+        self.timeout_s = float(options.get("timeout_s", 30))
+        self._ctx = int(ctx or 4096)
+        self.chars_per_token = float(options.get("chars_per_token", 3.5))
+        self._api_key = _read_key(options.get("api_key_env"), options.get("api_key_file"))
+        self.slots = slots
+        self._version = ""
+        self._client: Optional[httpx.Client] = None
+        self._lock = threading.Lock()
+
+    # -- Engine interface ------------------------------------------------------------------
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def ctx_max(self) -> int:
+        return self._ctx
+
+    def load(self) -> None:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(self.timeout_s, read=None),
+                                    limits=httpx.Limits(max_connections=self.slots + 2))
+        try:
+            response = self._client.get(f"{self.base_url}/models", timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"external server at {self.base_url} is unreachable: {type(exc).__name__}",
+                              fatal=True) from None
+        if response.status_code in (401, 403):
+            raise EngineError(f"external server at {self.base_url} refused our API key (HTTP {response.status_code})")
+        if response.status_code != 200:
+            raise EngineError(f"external server at {self.base_url} answered HTTP {response.status_code} to /models")
+        server = response.headers.get("server", "openai-compatible").split("/")[0].strip() or "openai-compatible"
+        models = [m.get("id") for m in response.json().get("data", []) if isinstance(m, dict)]
+        if models and self.upstream_model not in models:
+            raise EngineError(f"external server at {self.base_url} does not serve '{self.upstream_model}'; "
+                              f"it serves: {', '.join(str(m) for m in models[:10])}")
+        self._version = f"external:{server}"
+
+    def count_tokens(self, prompt: str) -> int:
+        """An estimate (the upstream tokenizer is not reachable through the OpenAI API); the
+        server still enforces its real limit, and its refusal maps to INVALID_PARAMS."""
+        return max(1, int(len(prompt) / self.chars_per_token) + 1)
+
+    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        if self._client is None:
+            raise EngineError("external engine is not loaded")
+        body: dict[str, Any] = {
+            "model": self.upstream_model, "prompt": prompt, "max_tokens": params.max_tokens,
+            "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed % 2**31, "stream": True,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        finish = FinishReason.length
+        done = False
+        try:
+            with self._client.stream("POST", f"{self.base_url}/completions", json=body) as response:
+                if response.status_code != 200:
+                    raise self._refusal(response)
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise EngineError(f"external server error: {self._scrub(_message(chunk['error']))}")
+                    choice = (chunk.get("choices") or [{}])[0]
+                    text = choice.get("text") or ""
+                    if text and not emit(text):
+                        return FinishReason.cancelled  # leaving the block closes the upstream stream
+                    if choice.get("finish_reason") == "stop":
+                        finish = FinishReason.stop
+        except httpx.HTTPError as exc:
+            raise EngineError(f"external server at {self.base_url} failed mid-stream: {type(exc).__name__}",
+                              fatal=True) from None
+        except ValueError:
+            raise EngineError("external server sent a chunk that is not JSON") from None
+        if not done:
+            # Some servers answer 200 and then drop the stream when they refuse the request.
+            raise EngineError("external server ended the stream early, without [DONE] "
+                              "(it may have refused the request, e.g. a prompt longer than its context)")
+        return finish
+
+    def _refusal(self, response: httpx.Response) -> EngineError:
+        response.read()
+        try:
+            body = response.json()
+            message = _message(body.get("error", response.text) if isinstance(body, dict) else body)
+        except ValueError:
+            message = response.text
+        message = self._scrub(message)
+        if response.status_code in (400, 404, 413, 422):
+            return EngineError(f"external server refused the request: {message}", code=ErrorCode.INVALID_PARAMS)
+        if response.status_code in (401, 403):
+            return EngineError(f"external server refused our API key (HTTP {response.status_code})", fatal=True)
+        if response.status_code == 429:
+            return EngineError(f"external server is overloaded: {message}", code=ErrorCode.POOL_UNAVAILABLE)
+        return EngineError(f"external server answered HTTP {response.status_code}: {message}", fatal=True)
+
+    def _scrub(self, text: str) -> str:
+        """Upstream text reaches events, transcripts and logs: never with our key in it
+        (some servers echo the Authorization header they refused)."""
+        if self._api_key and len(self._api_key) >= 4:
+            text = text.replace(self._api_key, "[redacted]")
+        return text[:300]  # cut only after redacting, so no part of the key survives a cut
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _read_key(env: Optional[str], path: Optional[str]) -> str:
+    """The upstream API key, from an environment variable or a file (a mounted secret)."""
+    if env:
+        key = os.environ.get(env, "")
+        if not key:
+            raise EngineError(f"external engine: environment variable {env} (api_key_env) is not set")
+        return key
+    if path:
+        try:
+            key = open(path, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise EngineError(f"external engine: cannot read api_key_file {path}: {exc.strerror}") from None
+        if not key:
+            raise EngineError(f"external engine: api_key_file {path} is empty")
+        return key
+    return ""
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error)
