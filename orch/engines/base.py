@@ -81,6 +81,11 @@ class Engine(ABC):
     def serves_embeddings(self) -> bool:
         return False
 
+    @property
+    def serves_completions(self) -> bool:
+        """False for an engine loaded as an embedding model only (vLLM's pooling runner)."""
+        return True
+
     def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         """One vector per input and the number of tokens read."""
         raise EngineError(f"engine {self.name} does not serve embeddings on this pool")

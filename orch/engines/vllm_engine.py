@@ -107,6 +107,10 @@ class VllmEngine(Engine):
         model (``runner: pooling`` in engine_options loads one, which then cannot generate)."""
         return "embed" in self._supported_tasks
 
+    @property
+    def serves_completions(self) -> bool:
+        return "generate" in self._supported_tasks
+
     # -- lifecycle -----------------------------------------------------------------------
     def engine_args(self):
         """vLLM's ``AsyncEngineArgs`` for this pool; raises EngineError on a bad option."""

@@ -249,9 +249,11 @@ class PoolManager:
         return self.last_error or self.supervision_note
 
     def workloads(self) -> tuple[str, ...]:
-        if self.engine is not None and self.engine.serves_embeddings:
-            return ("completion", "embedding")
-        return ("completion",)
+        engine = self.engine
+        if engine is None:
+            return ("completion",)
+        return tuple(name for name, served in (("completion", engine.serves_completions),
+                                               ("embedding", engine.serves_embeddings)) if served)
 
     # -- admission -----------------------------------------------------------------------
     async def submit(

@@ -240,6 +240,40 @@ def test_bad_requests_are_refused_before_the_engine(client, namespace, body, fra
     assert pool_snapshot(namespace)["counters"]["enqueued"] == before
 
 
+@pytest.fixture(scope="module")
+def embedding_client(deploy, serve_port, device) -> httpx.Client:
+    """A second vLLM pool on the same checkpoint, loaded as an embedding model (vLLM's
+    pooling runner converts the causal LM: mean of its last hidden states)."""
+    config = pool_config(device)
+    pool = config["pools"][0]
+    pool.update(id="vllm-embed", model_aliases=["smollm2-embed"], slots=1)
+    pool["engine_options"] = dict(pool["engine_options"], runner="pooling", convert="embed")
+    name, route = f"orch-vllm-embed-{device}", f"/vllm-embed-{device}"
+    config["namespace"] = name
+    try:
+        return deploy(config, name=name, route_prefix=route)
+    except AssertionError:
+        late = httpx.Client(base_url=f"http://{HOST}:{serve_port}{route}", timeout=httpx.Timeout(60.0))
+        wait_ready(late, timeout_s=READY_TIMEOUT_S)
+        return late
+
+
+def test_an_embedding_pool_embeds_through_the_openai_api(embedding_client):
+    from openai import OpenAI
+
+    api = OpenAI(base_url=str(embedding_client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    first = api.embeddings.create(model="smollm2-embed", input=["a cat sat on the mat", "stock prices fell"])
+    again = api.embeddings.create(model="smollm2-embed", input="a cat sat on the mat")
+    vectors = [item.embedding for item in first.data]
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) == 576  # SmolLM2-135M's hidden size
+    assert first.usage.prompt_tokens > 0
+    assert max(abs(a - b) for a, b in zip(again.data[0].embedding, vectors[0])) < 1e-4  # same text, same vector
+    assert max(abs(a - b) for a, b in zip(vectors[0], vectors[1])) > 1e-3
+    # Loaded for pooling, the model generates nothing: completions are refused before any queue.
+    refused = embedding_client.post("/v1/completions", json={"model": "smollm2-embed", "prompt": "x", "max_tokens": 2})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", refused.text
+
+
 def test_embeddings_are_refused_on_a_generative_model(client):
     # vLLM refuses pooling on a generative model, so the pool does not list the workload.
     response = client.post("/v1/embeddings", json={"model": "smollm2-vllm", "input": "x"})
