@@ -114,10 +114,10 @@ def test_killing_the_catalog_actor_loses_nothing(namespace, catalog_root, tmp_pa
     before = ray.get(catalog.list.remote())
     assert [r["id"] for r in before] == ["m0", "m1", "m2"]
 
-    kill_catalog(namespace)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(catalog.get.remote("m0"), timeout=30)
-    fresh = catalog_actor(str(catalog_root), namespace)
+    killed_pid = ray.get(catalog.__ray_call__.remote(lambda self: os.getpid()))
+    kill_catalog(namespace)  # gone: its name is released
+    fresh = catalog_actor(str(catalog_root), namespace)  # a new actor reads everything back from disk
+    assert ray.get(fresh.__ray_call__.remote(lambda self: os.getpid())) != killed_pid
     assert ray.get(fresh.list.remote()) == before
     assert ray.get(fresh.locate.remote(f"file:{model}"))["id"] in ("m0", "m2")
 
