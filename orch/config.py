@@ -71,9 +71,11 @@ class PoolConfig(_Strict):
     #: A running task whose engine produces nothing for this long ends with DECODE_TIMEOUT
     #: (prefill included, so leave room for long prompts); none: only deadlines are watched.
     stall_timeout_s: Optional[float] = Field(default=None, gt=0)
-    #: Seconds an engine gets to hand a slot back after the watchdog ended its task; past
-    #: that the engine counts as hung, the pool stops taking work and is restarted.
-    stuck_slot_grace_s: float = Field(default=10, gt=0)
+    #: Seconds an engine gets to hand a slot back after its task ended (deadline, cancel,
+    #: drain); past that the engine counts as hung, the pool stops taking work and is
+    #: restarted. Long, because an engine only stops at its next token, and the prefill of a
+    #: long prompt on a large model emits none for a while.
+    stuck_slot_grace_s: float = Field(default=60, gt=0)
     #: Identical pools to run; more than one makes a replica set whose members are named
     #: ``<id>-0``, ``<id>-1``... (a pin to ``<id>`` takes any member).
     replicas: int = Field(default=1, ge=1, le=256)
