@@ -7,9 +7,11 @@ so the same prompt, parameters and seed give byte-identical text.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
@@ -17,6 +19,10 @@ from orch.engines.base import Emit, Engine, EngineError, GenerationParams
 #: llama.cpp seeds are 32-bit; wider request seeds are folded by modulo.
 SEED_MODULUS = 2**32
 DEFAULT_CTX_CAP = 4096
+#: Seconds close() waits for running calls to leave llama.cpp before it frees the model.
+CLOSE_WAIT_S = 30.0
+
+log = logging.getLogger("orch.engine")
 
 
 class LlamaCppEngine(Engine):
@@ -35,6 +41,11 @@ class LlamaCppEngine(Engine):
         self.threads = threads
         self._contexts: list = []
         self._tokenizer_lock = threading.Lock()
+        #: Calls inside llama.cpp right now; close() waits for them (freeing a model under a
+        #: running decode crashes the process), and ``_closing`` makes them stop at the next token.
+        self._in_use = 0
+        self._idle = threading.Condition()
+        self._closing = False
         self._version = ""
         self.metadata: dict[str, str] = {}
 
@@ -67,9 +78,26 @@ class LlamaCppEngine(Engine):
     def serves_embeddings(self) -> bool:
         return bool(self.llama_options.get("embedding"))
 
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        with self._idle:
+            if self._closing or not self._contexts:
+                raise EngineError("the llama.cpp engine is not loaded, or closed")
+            self._in_use += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_use -= 1
+                self._idle.notify_all()
+
     def embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         if not self.serves_embeddings:
             return super().embed(slot, inputs)
+        with self._using():
+            return self._embed(slot, inputs)
+
+    def _embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         llm = self._contexts[slot]
         llm.reset()
         try:
@@ -142,6 +170,10 @@ class LlamaCppEngine(Engine):
             return len(self._contexts[0].tokenize(prompt.encode("utf-8"), add_bos=True, special=True))
 
     def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        with self._using():
+            return self._generate(slot, prompt, params, emit)
+
+    def _generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
         llm = self._contexts[slot]
         llm.reset()
         finish = FinishReason.length
@@ -159,7 +191,7 @@ class LlamaCppEngine(Engine):
             for chunk in stream:
                 choice = chunk["choices"][0]
                 text = choice["text"]
-                if text and not emit(text):
+                if self._closing or (text and not emit(text)):
                     return FinishReason.cancelled
                 if choice.get("finish_reason") == "stop":
                     finish = FinishReason.stop
@@ -170,6 +202,15 @@ class LlamaCppEngine(Engine):
         return finish
 
     def close(self) -> None:
+        """Free the model once no call is inside llama.cpp (running ones stop at their next
+        token); if one is still there after CLOSE_WAIT_S, leave the memory to the process's
+        exit rather than free it under a running decode."""
+        with self._idle:
+            self._closing = True
+            if not self._idle.wait_for(lambda: self._in_use == 0, timeout=CLOSE_WAIT_S):
+                log.warning("llama.cpp engine: %d call(s) still running after %.0f s; not freeing the model under them",
+                            self._in_use, CLOSE_WAIT_S)
+                return
         for llm in self._contexts:
             try:
                 llm.close()

@@ -107,3 +107,38 @@ def test_slots_run_concurrently_and_all_complete(slots):
     assert all(events[-1][1] == "end" for events in results)
     assert snapshot["active_slots"] == 0 and snapshot["queue_depth"] == 0
     assert snapshot["counters"]["completed"] == 4
+
+
+def test_closing_the_engine_waits_for_a_running_generation():
+    """A task can end (deadline, cancel) while its generation is still inside llama.cpp:
+    closing the engine then must wait for it, never free the model under a running decode
+    (that crashes the process). Repeated, since the window is a few milliseconds."""
+    import threading
+
+    from orch.config import project_root
+    from orch.core.model_ref import resolve_local
+    from orch.engines.base import EngineError, GenerationParams
+    from orch.engines.llamacpp import LlamaCppEngine
+
+    path = resolve_local(SMOLLM2, base_dir=project_root())
+    for attempt in range(5):
+        engine = LlamaCppEngine(path, slots=1, ctx=512, threads=2)
+        engine.load()
+        decoding = threading.Event()
+        outcome = {}
+
+        def emit(text: str) -> bool:
+            decoding.set()
+            return True
+
+        def run() -> None:
+            outcome["finish"] = engine.generate(0, "Once upon a time", GenerationParams(max_tokens=400, seed=attempt), emit)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert decoding.wait(30)
+        engine.close()  # while the thread is inside llama.cpp
+        assert not thread.is_alive()  # close returned only after the generation stopped
+        assert outcome["finish"].value == "cancelled" and engine._contexts == []
+        with pytest.raises(EngineError, match="closed"):
+            engine.generate(0, "again", GenerationParams(max_tokens=2, seed=1), emit)
