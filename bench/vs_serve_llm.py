@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (banner, fmt, fmt_ratio, log, orchestrator, parser, print_table, ray_start,  # noqa: E402
+from common import (banner, fmt, fmt_ratio, orchestrator, parser, print_table, ray_start,  # noqa: E402
                     ray_stop, ratio, serve_start, write_json)
-from overhead import PROMPT, SEED, TEMPERATURE, TOP_K, TOP_P, Clients, Level, Sample, closed_loop, openai_caller  # noqa: E402
+from overhead import (PROMPT, SEED, TEMPERATURE, TOP_K, TOP_P, Clients, Level, Sample, openai_caller,  # noqa: E402
+                      run_levels)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / ".runtime" / "models" / "smollm2-135m-hf"
@@ -65,12 +66,7 @@ async def direct_phase(levels: list[int], per_level: dict[int, int], max_tokens:
         return Sample(marks[0] - started, len(marks), marks[-1] - marks[0], "".join(parts))
 
     try:
-        await one(0)  # warm-up
-        out = []
-        for concurrency in levels:
-            log(f"{DIRECT}: concurrency {concurrency}, {per_level[concurrency]} requests")
-            out.append(await closed_loop(DIRECT, concurrency, per_level[concurrency], one, max_seconds))
-        return out
+        return await run_levels(DIRECT, levels, per_level, lambda: one, max_seconds, one)
     finally:
         await asyncio.to_thread(engine.close)
 
@@ -82,12 +78,7 @@ async def http_phase(path: str, port: int, model: str, levels: list[int], per_le
                "top_p": TOP_P}
     try:
         call = openai_caller(clients, "/v1/completions", payload)
-        await call(0)  # warm-up
-        out = []
-        for concurrency in levels:
-            log(f"{path}: concurrency {concurrency}, {per_level[concurrency]} requests")
-            out.append(await closed_loop(path, concurrency, per_level[concurrency], call, max_seconds))
-        return out
+        return await run_levels(path, levels, per_level, lambda: call, max_seconds, call)
     finally:
         await clients.close()
 

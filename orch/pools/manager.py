@@ -925,11 +925,12 @@ class PoolManager:
             return await self.start(binding)
         async with self._control_lock:
             status = binding["status"]
+            same_file = self._already_loaded(binding)
             if status in (bindings.WAITING, bindings.RETIRED):
                 self._hold_loaded(binding)
             elif binding.get("load_key") == self._loaded_key or (self._loaded_key is None and status == bindings.LOCAL) \
-                    or self._already_loaded(binding):
-                if self._already_loaded(binding):
+                    or same_file:
+                if same_file:
                     self._loaded_key = binding.get("load_key")
                 self._take_binding(binding)
                 self.preparation = None

@@ -91,6 +91,10 @@ def client(deploy, serve_port, device) -> httpx.Client:
     config = pool_config(device)
     name = f"orch-vllm-{device}"
     route = f"/vllm-{device}" if device != "cpu" else "/vllm"
+    return deploy_vllm(deploy, serve_port, config, name, route)
+
+
+def deploy_vllm(deploy, serve_port: int, config: dict, name: str, route: str) -> httpx.Client:
     config["namespace"] = name
     try:
         return deploy(config, name=name, route_prefix=route)
@@ -248,14 +252,7 @@ def embedding_client(deploy, serve_port, device) -> httpx.Client:
     pool = config["pools"][0]
     pool.update(id="vllm-embed", model_aliases=["smollm2-embed"], slots=1)
     pool["engine_options"] = dict(pool["engine_options"], runner="pooling", convert="embed")
-    name, route = f"orch-vllm-embed-{device}", f"/vllm-embed-{device}"
-    config["namespace"] = name
-    try:
-        return deploy(config, name=name, route_prefix=route)
-    except AssertionError:
-        late = httpx.Client(base_url=f"http://{HOST}:{serve_port}{route}", timeout=httpx.Timeout(60.0))
-        wait_ready(late, timeout_s=READY_TIMEOUT_S)
-        return late
+    return deploy_vllm(deploy, serve_port, config, f"orch-vllm-embed-{device}", f"/vllm-embed-{device}")
 
 
 def test_an_embedding_pool_embeds_through_the_openai_api(embedding_client):
