@@ -33,16 +33,24 @@ HTTP_NAMESPACE = f"catalog-http-{uuid.uuid4().hex[:8]}"
 
 
 def kill_catalog(namespace: str, restart: bool = False) -> None:
+    """Kill the catalog actor; without restart, wait until that incarnation is gone.
+
+    The ingress and the supervisor start the catalog again on their next use, so its name may
+    already belong to a new actor when this returns: what is checked is that the killed one no
+    longer answers to it.
+    """
     import ray
 
     handle = ray.get_actor(ACTOR_NAME, namespace=namespace)
+    killed = handle._actor_id
     ray.kill(handle, no_restart=not restart)
     if restart:
         return
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            ray.get_actor(ACTOR_NAME, namespace=namespace)
+            if ray.get_actor(ACTOR_NAME, namespace=namespace)._actor_id != killed:
+                return
         except ValueError:
             return
         time.sleep(0.1)
@@ -396,8 +404,8 @@ def test_openapi_lists_the_catalog_routes(client):
 def test_http_unreachable_catalog_is_a_503_that_says_why(client):
     marker = Path(client.catalog_config["root"]) / "catalog.json"
     original = marker.read_bytes()
+    marker.write_text(json.dumps({"schema_version": 99}))  # before the kill: a restart reads it
     kill_catalog(HTTP_NAMESPACE)
-    marker.write_text(json.dumps({"schema_version": 99}))
     try:
         response = client.get("/v2/catalog/models/kept")
         message = error_of(response, 503, "POOL_UNAVAILABLE")
