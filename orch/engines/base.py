@@ -25,6 +25,9 @@ class GenerationParams:
     top_p: float = 0.95
     top_k: int = 40
     stop: tuple[str, ...] = field(default_factory=tuple)
+    #: Whether the engine may start from a cached prompt prefix (False: a clean context,
+    #: asked for with ``kv_hint: cold`` or ``determinism: strict``).
+    reuse_prefix: bool = True
 
 
 class EngineError(RuntimeError):

@@ -1,8 +1,15 @@
 """llama.cpp through llama-cpp-python, in process.
 
 One ``Llama`` context per slot: the GGUF is memory-mapped, so the weights are shared by the
-OS and each extra slot costs only its KV cache. Each generation starts from a clean context
-so the same prompt, parameters and seed give byte-identical text.
+OS and each extra slot costs only its KV cache.
+
+Prefix cache: a slot keeps the tokens it evaluated last, and a generation whose prompt starts
+with the same tokens (a chat's system prompt and earlier turns, a repeated prompt) evaluates
+only the rest, as llama.cpp's own server does. A request that asks for ``kv_hint: cold`` or
+``determinism: strict``, or a pool with ``engine_options: {prefix_cache: false}``, starts
+from a clean context instead, so the same prompt, parameters and seed give byte-identical
+text whatever ran before. (On the CPU the two give the same text in practice; GPU kernels
+may round differently when the prompt is split, hence the strict mode.)
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ class LlamaCppEngine(Engine):
         self, model_path: Path, *, slots: int = 1, ctx: Optional[int] = None, threads: int = 1, **llama_options: Any
     ) -> None:
         self.model_path = Path(model_path)
+        prefix_cache = llama_options.pop("prefix_cache", True)
+        if not isinstance(prefix_cache, bool):
+            raise EngineError(f"engine option prefix_cache must be true or false, not {prefix_cache!r}")
+        self.prefix_cache = prefix_cache
         if llama_options.get("embedding"):
             # Decoder models report no pooling; one vector per input needs one (1 = mean).
             llama_options.setdefault("pooling_type", 1)
@@ -175,7 +186,8 @@ class LlamaCppEngine(Engine):
 
     def _generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
         llm = self._contexts[slot]
-        llm.reset()
+        if not (self.prefix_cache and params.reuse_prefix):
+            llm.reset()  # otherwise llama-cpp-python evaluates only what follows the cached prefix
         finish = FinishReason.length
         stream = llm.create_completion(
             prompt,
@@ -196,7 +208,11 @@ class LlamaCppEngine(Engine):
                 if choice.get("finish_reason") == "stop":
                     finish = FinishReason.stop
         except ValueError as exc:
+            llm.reset()
             raise EngineError(f"llama.cpp refused the prompt: {exc}") from exc
+        except BaseException:
+            llm.reset()  # a decode that failed midway leaves no prefix worth trusting
+            raise
         finally:
             stream.close()
         return finish

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Optional, Union
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
-from orch.api.tasks import EmbeddingRequest, Priority, TaskRequest
+from orch.api.tasks import DeterminismLevel, EmbeddingRequest, KVHint, Priority, TaskRequest
 from orch.api.preparation import PrepStatus, PrepStep
 from orch.core.forecast import RateTracker, on_time_probability
 from orch.artifacts.transcript import build_transcript
@@ -345,6 +345,7 @@ class PoolManager:
             top_p=request.top_p,
             top_k=request.top_k,
             stop=tuple(request.stop),
+            reuse_prefix=request.kv_hint != KVHint.cold and request.determinism != DeterminismLevel.strict,
         )
         return TaskRecord(
             task_id=task_id,

@@ -142,3 +142,110 @@ def test_closing_the_engine_waits_for_a_running_generation():
         assert outcome["finish"].value == "cancelled" and engine._contexts == []
         with pytest.raises(EngineError, match="closed"):
             engine.generate(0, "again", GenerationParams(max_tokens=2, seed=1), emit)
+
+
+# -- prefix cache -------------------------------------------------------------------------
+SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+          "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module")
+def counted_engine():
+    """The real llama.cpp engine, with the number of tokens each generation evaluates
+    recorded (llama-cpp-python's ``eval`` wrapped, nothing replaced)."""
+    from orch.config import project_root
+    from orch.core.model_ref import resolve_local
+    from orch.engines.llamacpp import LlamaCppEngine
+
+    def build(**options):
+        engine = LlamaCppEngine(resolve_local(SMOLLM2, base_dir=project_root()), slots=1, ctx=512, threads=2, **options)
+        engine.load()
+        llm = engine._contexts[0]
+        evaluated: list[int] = []
+        original = llm.eval
+
+        def eval_counted(tokens):
+            evaluated.append(len(tokens))
+            return original(tokens)
+
+        llm.eval = eval_counted
+        return engine, evaluated
+
+    built = []
+
+    def make(**options):
+        built.append(build(**options))
+        return built[-1]
+
+    yield make
+    for engine, _ in built:
+        engine.close()
+
+
+def generate(engine, prompt: str, evaluated: list[int], **params) -> tuple[str, int]:
+    """Text and the tokens evaluated before the first sampled one (the prompt's share)."""
+    from orch.engines.base import GenerationParams
+
+    evaluated.clear()
+    parts: list[str] = []
+    engine.generate(0, prompt, GenerationParams(max_tokens=12, seed=7, **params), lambda t: parts.append(t) or True)
+    return "".join(parts), evaluated[0]
+
+
+def test_a_shared_prompt_prefix_is_evaluated_once_and_the_text_does_not_change(counted_engine):
+    engine, evaluated = counted_engine()
+    first, second = SYSTEM.format("Once upon a time"), SYSTEM.format("What is the capital of France?")
+    prompt_tokens = engine.count_tokens(second)
+
+    clean_text, clean_eval = generate(engine, second, evaluated, reuse_prefix=False)
+    assert clean_eval == prompt_tokens  # a clean context evaluates the whole prompt
+
+    generate(engine, first, evaluated)  # leaves the system prompt in the slot's cache
+    text, reused_eval = generate(engine, second, evaluated)
+    assert reused_eval < prompt_tokens - 20, (reused_eval, prompt_tokens)  # the system prompt came from the cache
+    assert text == clean_text, "reusing the cached prefix changed the text"
+
+    text_again, again_eval = generate(engine, second, evaluated)  # the very same prompt: only its last token
+    assert again_eval == 1 and text_again == clean_text
+
+
+def test_cold_requests_and_a_pool_without_prefix_cache_start_clean(counted_engine):
+    engine, evaluated = counted_engine()
+    prompt = SYSTEM.format("Tell me about the sea")
+    tokens = engine.count_tokens(prompt)
+    generate(engine, prompt, evaluated)
+    assert generate(engine, prompt, evaluated, reuse_prefix=False)[1] == tokens
+
+    off, off_evaluated = counted_engine(prefix_cache=False)
+    generate(off, prompt, off_evaluated)
+    assert generate(off, prompt, off_evaluated)[1] == tokens
+
+
+def test_prefix_cache_option_must_be_a_boolean():
+    from orch.engines.base import EngineError
+    from orch.engines.llamacpp import LlamaCppEngine
+
+    with pytest.raises(EngineError, match="prefix_cache must be true or false"):
+        LlamaCppEngine(SMOLLM2, prefix_cache="yes")
+
+
+@pytest.mark.parametrize("fields, reuse", [
+    ({}, True),
+    ({"kv_hint": "reuse"}, True),
+    ({"kv_hint": "cold"}, False),
+    ({"determinism": "best_effort"}, True),
+    ({"determinism": "strict"}, False),
+])
+def test_kv_hint_and_strict_determinism_decide_prefix_reuse(fields, reuse):
+    manager = PoolManager(pool_config(engine="mock", model="mock-model"))
+
+    async def scenario():
+        await manager.start()
+        try:
+            result = await manager.submit(request(**fields), "t1")
+            assert "error" not in result, result
+            return manager.tasks["t1"].params.reuse_prefix
+        finally:
+            await manager.stop()
+
+    assert asyncio.run(scenario()) is reuse
