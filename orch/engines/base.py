@@ -70,6 +70,14 @@ class Engine(ABC):
         """Generate on ``slot``; returns why generation stopped (cancel is the caller's)."""
 
     # -- optional capabilities ---------------------------------------------------------
+    #: True for an engine with an asyncio API: the pool then awaits ``generate_async`` on its
+    #: own event loop, so each token reaches the stream without passing through a slot thread.
+    generates_on_loop: bool = False
+
+    async def generate_async(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        """``generate`` for engines with ``generates_on_loop``; ``emit`` is called on the loop."""
+        raise EngineError(f"engine {self.name} generates in a slot thread, not on the pool's loop")
+
     @property
     def chat_template(self) -> Optional[str]:
         """The model's own Jinja chat template (GGUF ``tokenizer.chat_template``), if any."""

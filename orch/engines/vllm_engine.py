@@ -1,10 +1,11 @@
 """vLLM in process: its asyncio engine (``AsyncLLM``) hosted inside the pool actor.
 
-The Engine interface is synchronous and runs in the pool's slot threads, while vLLM is an
-asyncio engine whose model runs in processes it spawns (the engine core and its workers).
-So the engine owns one event loop on a dedicated thread; every vLLM call is a coroutine
-submitted to that loop with ``run_coroutine_threadsafe``, and each generation's outputs
-cross back to its slot thread through a queue, where they are handed to ``emit``. Slots are
+vLLM is an asyncio engine whose model runs in processes it spawns (the engine core and its
+workers). The engine owns one event loop on a dedicated thread (loading blocks for a long
+time, so it cannot share the pool actor's loop); every vLLM call is a coroutine submitted to
+that loop with ``run_coroutine_threadsafe``. The pool awaits ``generate_async`` on its own
+loop, and each generation's outputs cross to it once, where they are handed to ``emit``
+(the synchronous ``generate`` serves callers on a plain thread the same way). Slots are
 vLLM's concurrent sequences (``max_num_seqs``): vLLM batches them continuously.
 
 - Cancel: when ``emit`` returns False the request is aborted in vLLM at once, which frees
@@ -30,7 +31,7 @@ import queue
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
@@ -54,6 +55,9 @@ _DONE = object()
 
 class VllmEngine(Engine):
     name = "vllm"
+    #: The pool awaits ``generate_async`` on its own loop: vLLM's outputs cross one thread
+    #: boundary (vLLM's loop to the pool's), not two (through a slot thread as well).
+    generates_on_loop = True
 
     def __init__(
         self,
@@ -221,18 +225,28 @@ class VllmEngine(Engine):
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+    def _prepare(self, prompt: str, params: GenerationParams):
         self._require_loaded()
         if "generate" not in self._supported_tasks:
             raise EngineError(f"the model in {self.model_dir.name} is loaded for {', '.join(self._supported_tasks)}, not generation")
         try:
-            engine_input = self._render(prompt)
-            sampling = self.sampling_params(params)
+            return self._render(prompt), self.sampling_params(params)
         except Exception as exc:  # vLLM's validation errors are not ValueErrors
             raise EngineError(f"vLLM refused the request: {_cause(exc)}") from exc
+
+    @staticmethod
+    def _finish_of(reason: Optional[str], finish: FinishReason) -> FinishReason:
+        if reason in ("stop", "repetition"):
+            return FinishReason.stop
+        if reason in ("abort", "error"):
+            raise EngineError(f"vLLM ended the request early ({reason}); resubmit it")
+        return finish
+
+    def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        engine_input, sampling = self._prepare(prompt, params)
         request_id = f"slot{slot}-{uuid.uuid4().hex}"
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        pump = asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, outputs), self._loop)
+        pump = asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, outputs.put), self._loop)
         finish = FinishReason.length
         while True:
             item = outputs.get()
@@ -244,23 +258,58 @@ class VllmEngine(Engine):
             if text and not emit(text):
                 self._abort(request_id, pump)
                 return FinishReason.cancelled
-            if reason in ("stop", "repetition"):
-                finish = FinishReason.stop
-            elif reason in ("abort", "error"):
-                raise EngineError(f"vLLM ended the request early ({reason}); resubmit it")
+            finish = self._finish_of(reason, finish)
         pump.result(CALL_TIMEOUT_S)
         return finish
 
-    async def _pump(self, engine_input: dict[str, Any], sampling, request_id: str, sink: queue.SimpleQueue) -> None:
-        """Runs on the engine's loop: moves each delta of one request to its slot thread."""
+    async def generate_async(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
+        # Rendering tokenizes the prompt: off the pool's loop, which serves every stream.
+        engine_input, sampling = await asyncio.to_thread(self._prepare, prompt, params)
+        request_id = f"slot{slot}-{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item: Any) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        pump = asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, deliver), self._loop))
+        finish = FinishReason.length
+        try:
+            while True:
+                item = await outputs.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise EngineError(f"vLLM generation failed: {_cause(item)}", fatal=_engine_dead(item)) from item
+                text, reason = item
+                if text and not emit(text):
+                    await self._abort_async(request_id, pump)
+                    return FinishReason.cancelled
+                finish = self._finish_of(reason, finish)
+        except asyncio.CancelledError:  # the pool is stopping: free the sequence in vLLM too
+            if self._loop is not None and self._llm is not None:
+                asyncio.run_coroutine_threadsafe(self._llm.abort(request_id), self._loop)
+            raise
+        await asyncio.wait_for(pump, CALL_TIMEOUT_S)
+        return finish
+
+    async def _pump(self, engine_input: dict[str, Any], sampling, request_id: str, sink: Callable[[Any], None]) -> None:
+        """Runs on the engine's loop: hands each delta of one request to ``sink``."""
         try:
             async for output in self._llm.generate(engine_input, sampling, request_id):
                 completion = output.outputs[0]
-                sink.put((completion.text, completion.finish_reason))
-        except Exception as exc:  # handed to the slot thread, which raises it there
-            sink.put(exc)
+                sink((completion.text, completion.finish_reason))
+        except Exception as exc:  # handed to the generating side, which raises it there
+            sink(exc)
         finally:
-            sink.put(_DONE)
+            sink(_DONE)
+
+    async def _abort_async(self, request_id: str, pump: asyncio.Future) -> None:
+        """``_abort`` from the pool's loop: abort in vLLM, then wait for the request's stream to end."""
+        aborted = asyncio.run_coroutine_threadsafe(self._llm.abort(request_id), self._loop)
+        await asyncio.wait_for(asyncio.wrap_future(aborted), CALL_TIMEOUT_S)
+        await asyncio.wait_for(asyncio.gather(pump, return_exceptions=True), CALL_TIMEOUT_S)
 
     def _abort(self, request_id: str, pump) -> None:
         """Abort in vLLM and wait until the request's stream has ended, so its slot is free."""

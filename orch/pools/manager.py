@@ -570,9 +570,12 @@ class PoolManager:
             return True
 
         try:
-            finish = await self._loop.run_in_executor(
-                self._executor, self.engine.generate, slot, record.prompt, record.params, emit
-            )
+            if self.engine.generates_on_loop:
+                finish = await self.engine.generate_async(slot, record.prompt, record.params, emit)
+            else:
+                finish = await self._loop.run_in_executor(
+                    self._executor, self.engine.generate, slot, record.prompt, record.params, emit
+                )
         except EngineError as exc:
             if exc.fatal:
                 self._fail(record, ErrorCode.WORKER_RESET,
