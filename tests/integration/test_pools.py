@@ -4,6 +4,7 @@ from any ingress replica."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import ray
@@ -47,10 +48,17 @@ def two_pools(deploy):
 
 def test_unready_pool_reports_cause_and_pin_never_falls_back(two_pools):
     client, _ = two_pools
-    ready = client.get("/readyz").json()
+    # The broken pool's cause appears once its actor has tried to load (asynchronously, and
+    # each ingress replica sees it at its next snapshot refresh).
+    deadline = time.monotonic() + 30
+    while True:
+        ready = client.get("/readyz").json()
+        if ready["pools"]["broken"]["last_error"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert ready["pools"]["default"]["ready"] is True
     assert ready["pools"]["broken"]["ready"] is False
-    assert "no file at /nonexistent/model.gguf" in ready["pools"]["broken"]["last_error"]
+    assert "no file at /nonexistent/model.gguf" in (ready["pools"]["broken"]["last_error"] or "")
 
     pinned = client.post(
         "/v2/tasks", json={"prompt": "Once upon a time", "max_tokens": 4, "placement": {"pin_pool_id": "broken"}}
