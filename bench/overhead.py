@@ -182,10 +182,11 @@ class PoolInProcess:
     the ingress reads them. The gap between this row and bare is what the pool code costs;
     the gap between it and the HTTP rows is what Ray's processes, Serve and HTTP cost."""
 
-    def __init__(self, pool: dict[str, Any]) -> None:
+    def __init__(self, pool: dict[str, Any], max_tokens: int) -> None:
         from orch.config import parse_config
 
         self.config = parse_config({"version": 1, "pools": [pool]}, "overhead in process").pools[0]
+        self.max_tokens = max_tokens
         self.manager: Any = None
         self.count = 0
 
@@ -205,7 +206,7 @@ class PoolInProcess:
         self.count += 1
         task_id = f"inproc-{self.count}"
         t_start = time.perf_counter()
-        request = TaskRequest(prompt=PROMPT, max_tokens=self.config_max_tokens, seed=SEED, temperature=TEMPERATURE,
+        request = TaskRequest(prompt=PROMPT, max_tokens=self.max_tokens, seed=SEED, temperature=TEMPERATURE,
                               top_p=TOP_P, top_k=TOP_K)
         admitted = await self.manager.submit(request, task_id)
         if "error" in admitted:
@@ -226,8 +227,6 @@ class PoolInProcess:
                 break
         assert first is not None and last is not None
         return Sample(first - t_start, len(parts), last - first, "".join(parts))
-
-    config_max_tokens = 64
 
 
 async def platform_floor(port: int, noop_path: str, n: int) -> dict[str, float]:
@@ -423,8 +422,7 @@ def main() -> int:
         # 1b. the pool's code in this process (no Ray, no HTTP), same engine settings as bare
         async def in_process_phase() -> list[Level]:
             pool = PoolInProcess(smollm2_pool(threads=threads, capacity=max(64, 2 * max(levels)), ctx=CTX,
-                                              engine_options={"prefix_cache": False}))
-            pool.config_max_tokens = max_tokens
+                                              engine_options={"prefix_cache": False}), max_tokens)
             await pool.start()
             try:
                 return await run_levels(IN_PROCESS, levels, per_level, lambda: pool.one, max_seconds, pool.one)
