@@ -260,8 +260,9 @@ async def platform_floor(port: int, noop_path: str, n: int) -> dict[str, float]:
             requests.append((time.perf_counter() - t) * 1000)
     finally:
         await conn.close()
-    return {"noop_p50_ms": summary(requests)["p50"], "actor_rtt_p50_ms": summary(calls)["p50"],
-            "noop_p99_ms": summary(requests)["p99"], "actor_rtt_p99_ms": summary(calls)["p99"]}
+    noop, rtt = summary(requests), summary(calls)
+    return {"noop_p50_ms": noop["p50"], "actor_rtt_p50_ms": rtt["p50"],
+            "noop_p99_ms": noop["p99"], "actor_rtt_p99_ms": rtt["p99"]}
 
 
 # -- HTTP clients ------------------------------------------------------------------------
@@ -420,8 +421,10 @@ def main() -> int:
         texts["bare"] = bare_a[0].samples[0].text
 
         # 1b. the pool's code in this process (no Ray, no HTTP), same engine settings as bare
+        capacity = max(64, 2 * max(levels))
+
         async def in_process_phase() -> list[Level]:
-            pool = PoolInProcess(smollm2_pool(threads=threads, capacity=max(64, 2 * max(levels)), ctx=CTX,
+            pool = PoolInProcess(smollm2_pool(threads=threads, capacity=capacity, ctx=CTX,
                                               engine_options={"prefix_cache": False}), max_tokens)
             await pool.start()
             try:
@@ -437,7 +440,6 @@ def main() -> int:
         # The measured pool starts every generation from a clean context, as bare does (the
         # same work); a second one keeps its prompt-prefix cache (the default) for the chat
         # route, whose templated prompt shares its system part between requests.
-        capacity = max(64, 2 * max(levels))
         pools = [smollm2_pool(threads=threads, capacity=capacity, ctx=CTX, engine_options={"prefix_cache": False}),
                  smollm2_pool("cached", threads=threads, capacity=capacity, ctx=CTX, num_cpus=0.5,
                               model_aliases=[CACHED_MODEL]),

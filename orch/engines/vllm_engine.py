@@ -235,6 +235,16 @@ class VllmEngine(Engine):
             raise EngineError(f"vLLM refused the request: {_cause(exc)}") from exc
 
     @staticmethod
+    def _delta(item: Any) -> Optional[tuple[str, Optional[str]]]:
+        """One item from ``_pump``: (text, vLLM's finish reason), None at the end; raises the
+        failure it carries."""
+        if item is _DONE:
+            return None
+        if isinstance(item, BaseException):
+            raise EngineError(f"vLLM generation failed: {_cause(item)}", fatal=_engine_dead(item)) from item
+        return item
+
+    @staticmethod
     def _finish_of(reason: Optional[str], finish: FinishReason) -> FinishReason:
         if reason in ("stop", "repetition"):
             return FinishReason.stop
@@ -248,13 +258,8 @@ class VllmEngine(Engine):
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         pump = asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, outputs.put), self._loop)
         finish = FinishReason.length
-        while True:
-            item = outputs.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise EngineError(f"vLLM generation failed: {_cause(item)}", fatal=_engine_dead(item)) from item
-            text, reason = item
+        while (delta := self._delta(outputs.get())) is not None:
+            text, reason = delta
             if text and not emit(text):
                 self._abort(request_id, pump)
                 return FinishReason.cancelled
@@ -276,13 +281,8 @@ class VllmEngine(Engine):
             asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, deliver), self._loop))
         finish = FinishReason.length
         try:
-            while True:
-                item = await outputs.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise EngineError(f"vLLM generation failed: {_cause(item)}", fatal=_engine_dead(item)) from item
-                text, reason = item
+            while (delta := self._delta(await outputs.get())) is not None:
+                text, reason = delta
                 if text and not emit(text):
                     await self._abort_async(request_id, pump)
                     return FinishReason.cancelled

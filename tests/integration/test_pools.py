@@ -4,7 +4,6 @@ from any ingress replica."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import ray
@@ -13,7 +12,7 @@ from orch.config import ConfigError, parse_config
 from orch.pools.actor import ensure_pools
 from orch.serve.deployment import build_application
 from orch.serve.registry import PoolRegistry
-from tests.conftest import home_config, read_sse
+from tests.conftest import home_config, read_sse, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -50,15 +49,10 @@ def test_unready_pool_reports_cause_and_pin_never_falls_back(two_pools):
     client, _ = two_pools
     # The broken pool's cause appears once its actor has tried to load (asynchronously, and
     # each ingress replica sees it at its next snapshot refresh).
-    deadline = time.monotonic() + 30
-    while True:
-        ready = client.get("/readyz").json()
-        if ready["pools"]["broken"]["last_error"] or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+    ready = wait_for(lambda: (r := client.get("/readyz").json())["pools"]["broken"]["last_error"] and r, 30, 0.2)
     assert ready["pools"]["default"]["ready"] is True
     assert ready["pools"]["broken"]["ready"] is False
-    assert "no file at /nonexistent/model.gguf" in (ready["pools"]["broken"]["last_error"] or "")
+    assert "no file at /nonexistent/model.gguf" in ready["pools"]["broken"]["last_error"]
 
     pinned = client.post(
         "/v2/tasks", json={"prompt": "Once upon a time", "max_tokens": 4, "placement": {"pin_pool_id": "broken"}}
