@@ -568,27 +568,6 @@ class RawHttp:
         return status, whole()
 
 
-# -- SSE ---------------------------------------------------------------------------------
-def parse_sse(raw: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs of a complete SSE body (comments and keepalives skipped)."""
-    events = []
-    for block in raw.decode("utf-8", errors="replace").split("\n\n"):
-        kind, data = None, []
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                data.append(line[6:])
-        if data:
-            payload = "\n".join(data)
-            try:
-                value = json.loads(payload) if payload != "[DONE]" else {"done": True}
-            except ValueError:
-                value = {"raw": payload}
-            events.append((kind or "message", value))
-    return events
-
-
 # -- py-spy ------------------------------------------------------------------------------
 def py_spy_available() -> Optional[str]:
     candidate = Path(sys.executable).parent / "py-spy"
@@ -759,7 +738,7 @@ def print_profiles(title: str, profiles: dict[str, Any], top: int = 6) -> None:
 
 
 # -- the ingress app in process (no Ray, no HTTP) ----------------------------------------
-class _Method:
+class InProcessMethod:
     """``handle.method.remote(...)`` for an in-process object: returns the coroutine, which
     the ingress awaits exactly as it awaits an ObjectRef."""
 
@@ -778,12 +757,14 @@ class _Method:
 
 
 class InProcessPool:
-    """Stands in for a PoolActor handle over a PoolManager in this process."""
+    """Stands in for a PoolActor handle over a PoolManager in this process: every method of
+    the manager answers ``handle.method.remote(...)``."""
 
     def __init__(self, manager: Any) -> None:
         self.manager = manager
-        for name in ("submit", "poll", "cancel", "snapshot", "has_task", "health"):
-            setattr(self, name, _Method(getattr(manager, name)))
+
+    def __getattr__(self, name: str) -> InProcessMethod:
+        return InProcessMethod(getattr(self.manager, name))
 
 
 async def in_process_ingress(pools: list[dict[str, Any]], **server: Any) -> tuple[Any, dict[str, Any]]:
@@ -801,17 +782,8 @@ async def in_process_ingress(pools: list[dict[str, Any]], **server: Any) -> tupl
     for manager in managers.values():
         await manager.start()
     handles = {pid: InProcessPool(m) for pid, m in managers.items()}
-    registry = PoolRegistry(config, handles, config.server.snapshot_ttl_s)
-    no_ray(registry)
+    registry = PoolRegistry(config, handles, config.server.snapshot_ttl_s, nudge_supervisor=False)
     return build_app(IngressState(config=config, registry=registry)), managers
-
-
-def no_ray(registry: Any) -> Any:
-    """Switch off what a PoolRegistry does with Ray besides snapshots (the supervisor nudge),
-    so an in-process registry never auto-starts a Ray instance."""
-    if hasattr(registry, "_nudge_supervisor"):
-        registry._nudge_supervisor = lambda *a, **k: None
-    return registry
 
 
 async def asgi_call(app: Any, method: str, path: str, body: bytes = b"",

@@ -66,6 +66,7 @@ from bench.common import (  # noqa: E402
     summary,
     write_json,
 )
+from orch.api import sse_client  # noqa: E402
 
 PROMPT = "Once upon a time"
 SEED = 1234
@@ -209,13 +210,13 @@ class PoolInProcess:
         request = TaskRequest(prompt=PROMPT, max_tokens=self.max_tokens, seed=SEED, temperature=TEMPERATURE,
                               top_p=TOP_P, top_k=TOP_K)
         admitted = await self.manager.submit(request, task_id)
-        if "error" in admitted:
-            raise RuntimeError(f"in-process submit refused: {admitted['error']}")
+        if admitted.error is not None:
+            raise RuntimeError(f"in-process submit refused: {admitted.error}")
         cursor, first, last, parts = 0, None, None, []
         for _ in range(100_000):  # bounded: a stream of max_tokens tokens ends long before
             batch = await self.manager.poll(task_id, cursor, 15.0)
             now = time.perf_counter()
-            for index, kind, data in batch["events"]:
+            for index, kind, data in batch.events:
                 cursor = index + 1
                 if kind == "token":
                     first = first or now
@@ -223,7 +224,7 @@ class PoolInProcess:
                     parts.append(data["t"])
                 elif kind == "error":
                     raise RuntimeError(f"in-process task failed: {data}")
-            if batch["done"]:
+            if batch.done:
                 break
         assert first is not None and last is not None
         return Sample(first - t_start, len(parts), last - first, "".join(parts))
@@ -295,26 +296,25 @@ def v2_caller(clients: Clients, max_tokens: int, model_ref: str = "smollm2") -> 
         if status != 200:
             raise RuntimeError(f"events -> {status}")
         first = last = first_chunk = None
-        raw = []
+        decoder, messages = sse_client.SSEDecoder(), []
         async for chunk in chunks:
             now = time.perf_counter()
             if first_chunk is None:
                 first_chunk = now
-            if b"event: token" in chunk:
+            arrived = decoder.feed(chunk)
+            if any(message.event == "token" for message in arrived):
                 if first is None:
                     first = now
                 last = now
-            raw.append(chunk)
-        text = b"".join(raw).decode()
+            messages += arrived
         tokens, parts = 0, []
-        for block in text.split("\n\n"):
-            if "event: token" in block:
-                data = json.loads(block.split("data: ", 1)[1])
+        for message in messages:  # decoded after the stream, outside the timed part
+            if message.event == "token":
                 tokens += 1
-                parts.append(data["t"])
-            elif "event: error" in block:
-                raise RuntimeError(block)
-        assert first is not None and last is not None and first_chunk is not None, text[:300]
+                parts.append(message.payload()["t"])
+            elif message.event == "error":
+                raise RuntimeError(message.data)
+        assert first is not None and last is not None and first_chunk is not None, messages[:3]
         return Sample(first - t_start, tokens, last - first, "".join(parts), t_202 - t_start, first_chunk - t_start)
 
     return one
@@ -334,26 +334,23 @@ def openai_caller(clients: Clients, route: str, payload: dict[str, Any]) -> Call
         first = last = None
         tokens = 0
         parts = []
-        buf = b""
+        decoder = sse_client.SSEDecoder()
         async for chunk in chunks:
             now = time.perf_counter()
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                for line in event.split(b"\n"):
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    data = json.loads(line[6:])
-                    if "error" in data:
-                        raise RuntimeError(str(data["error"])[:300])
-                    choices = data.get("choices") or [{}]
-                    piece = (choices[0].get("delta") or {}).get("content") if chat else choices[0].get("text")
-                    if piece:
-                        if first is None:
-                            first = now
-                        last = now
-                        tokens += 1
-                        parts.append(piece)
+            for message in decoder.feed(chunk):
+                if message.data == sse_client.DONE:
+                    continue
+                data = message.payload()
+                if "error" in data:
+                    raise RuntimeError(str(data["error"])[:300])
+                choices = data.get("choices") or [{}]
+                piece = (choices[0].get("delta") or {}).get("content") if chat else choices[0].get("text")
+                if piece:
+                    if first is None:
+                        first = now
+                    last = now
+                    tokens += 1
+                    parts.append(piece)
         assert first is not None and last is not None
         return Sample(first - t_start, tokens, last - first, "".join(parts))
 

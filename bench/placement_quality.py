@@ -34,13 +34,13 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import banner, fmt_ratio, log, no_ray, parser, percentile, print_table, ratio, write_json  # noqa: E402
+from bench.common import banner, fmt_ratio, log, parser, percentile, print_table, ratio, write_json  # noqa: E402
 
 GiB = 1024**3
 WEIGHTS = 8 * GiB
@@ -137,21 +137,26 @@ def build(specs: list[PoolSpec]):
 
 
 def sim_registry(config, managers: dict[str, Any], specs: list[PoolSpec]):
-    """The ingress's PoolRegistry, with its per-pool snapshot call served in process and
-    fake VRAM added to each row; caching and note_admitted are the registry's own."""
+    """The ingress's PoolRegistry over in-process pools whose views carry fake VRAM; caching
+    and note_admitted are the registry's own."""
+    from bench.common import InProcessMethod, InProcessPool
     from orch.serve.registry import PoolRegistry
 
     vram = {s.id: s.vram_gib * GiB for s in specs}
 
-    class SimRegistry(PoolRegistry):
-        async def _snapshot_of(self, pool_id: str) -> dict[str, Any]:
-            row = managers[pool_id].snapshot()
-            total = vram[pool_id]
-            row["vram_total_bytes"] = total
-            row["vram_free_bytes"] = max(0, total - WEIGHTS - row["active_slots"] * KV_PER_SLOT)
-            return row
+    class SimPool(InProcessPool):
+        @property
+        def snapshot(self) -> InProcessMethod:
+            return InProcessMethod(self.with_vram)
 
-    return no_ray(SimRegistry(config, {}, config.server.snapshot_ttl_s))
+        def with_vram(self):
+            view = self.manager.snapshot()
+            total = vram[view.pool_id]
+            return replace(view, vram_total_bytes=total,
+                           vram_free_bytes=max(0, total - WEIGHTS - view.active_slots * KV_PER_SLOT))
+
+    handles = {pool_id: SimPool(manager) for pool_id, manager in managers.items()}
+    return PoolRegistry(config, handles, config.server.snapshot_ttl_s, nudge_supervisor=False)
 
 
 Chooser = Callable[[], Awaitable[str]]
@@ -195,14 +200,14 @@ def policies(config, managers, specs, seed: int) -> dict[str, tuple[Chooser, Any
     reg_ew = sim_registry(config, managers, specs)
 
     async def expected_wait() -> str:
-        rows = [r for r in (await reg_ew.rows()).values() if r["ready"] and not r.get("draining")]
+        views = [v for v in await reg_ew.views() if v.accepting]
 
-        def wait_ms(r: dict[str, Any]) -> float:
-            ahead = r["active_slots"] + r["queue_depth"] - r["slots"] + 1
-            spec = next(s for s in specs if s.id == r["pool_id"])
-            return max(0, ahead) * r["service_ms"] / r["slots"] + spec.first_token_ms
+        def wait_ms(v) -> float:
+            ahead = v.active_slots + v.queue_depth - v.slots + 1
+            spec = next(s for s in specs if s.id == v.pool_id)
+            return max(0, ahead) * v.service_ms / v.slots + spec.first_token_ms
 
-        return min(rows, key=lambda r: (wait_ms(r), r["pool_id"]))["pool_id"]
+        return min(views, key=lambda v: (wait_ms(v), v.pool_id)).pool_id
 
     out["what-if: expected-wait"] = (expected_wait, reg_ew)
     return out
@@ -229,25 +234,25 @@ async def run_policy(name: str, choose: Chooser, registry: Any, managers: dict[s
         request = TaskRequest(prompt="Once upon a time", seed=arrival.seed, **kind)
         manager = managers[pool_id]
         result = await manager.submit(request, f"t{arrival.seed}")
-        if "error" in result:
+        if result.error is not None:
             outcome.rejected = True
             return
         if registry is not None:
             registry.note_admitted(pool_id)  # as TaskService.admit does after a submit
-        task_id = result["task_id"]
+        task_id = result.admission.task_id
         cursor = 0
         while time.perf_counter() < stop_at:
             got = await manager.poll(task_id, cursor, min(1.0, max(0.01, stop_at - time.perf_counter())))
-            if "error" in got:
+            if got.error is not None:
                 return
-            for index, event, data in got["events"]:
+            for index, event, data in got.events:
                 now = time.perf_counter()
                 if event == "token" and math.isinf(outcome.ttft_s):
                     outcome.ttft_s = now - start
                 if event == "end":
                     outcome.hit = data.get("finish_reason") != "cancelled" and (now - start) * 1000 <= kind["deadline_ms"]
                 cursor = index + 1
-            if got["done"]:
+            if got.done:
                 return
 
     tasks = []

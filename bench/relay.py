@@ -85,15 +85,15 @@ async def in_process(n: int, seconds: float, max_tokens: int) -> dict[str, Any]:
     async def one(w: int, k: int) -> int:
         result = await manager.submit(TaskRequest(prompt="Once upon a time", max_tokens=max_tokens, seed=k),
                                       f"w{w}-{k}")
-        assert "error" not in result, result
+        assert result.error is None, result
         cursor, got = 0, 0
         while True:
-            polled = await manager.poll(result["task_id"], cursor, 15.0)
-            batch = polled["events"]
+            polled = await manager.poll(result.admission.task_id, cursor, 15.0)
+            batch = polled.events
             if batch:
                 got += sum(1 for e in batch if e[1] == "token")
                 cursor = batch[-1][0] + 1
-            if polled["done"]:
+            if polled.done:
                 return got
 
     try:
@@ -115,15 +115,15 @@ async def actor_hop(namespace: str, n: int, seconds: float, max_tokens: int) -> 
         task_id = f"hop-{w}-{k}-{time.monotonic_ns()}"
         result = await handle.submit.remote(TaskRequest(prompt="Once upon a time", max_tokens=max_tokens, seed=k),
                                             task_id, None)
-        assert "error" not in result, result
+        assert result.error is None, result
         cursor, got = 0, 0
         while True:
             polled = await handle.poll.remote(task_id, cursor, 15.0)
-            batch = polled["events"]
+            batch = polled.events
             if batch:
                 got += sum(1 for e in batch if e[1] == "token")
                 cursor = batch[-1][0] + 1
-            if polled["done"]:
+            if polled.done:
                 return got
 
     return await closed_streams(n, seconds, one)

@@ -79,10 +79,10 @@ async def manager_events(manager: Any, task_id: str, budget_s: float = 20.0) -> 
     deadline = time.monotonic() + budget_s
     while time.monotonic() < deadline:
         result = await manager.poll(task_id, cursor, 0.5)
-        events.extend(result["events"])
-        if result["events"]:
-            cursor = result["events"][-1][0] + 1
-        if result["done"]:
+        events.extend(result.events)
+        if result.events:
+            cursor = result.events[-1][0] + 1
+        if result.done:
             return events
     raise AssertionError(f"{task_id} did not end within {budget_s} s: {events}")
 
@@ -121,7 +121,7 @@ def deploy(serve_port) -> Iterator[Callable[..., httpx.Client]]:
     from ray import serve
 
     from orch.config import parse_config
-    from orch.pools.actor import shutdown_pools
+    from orch.pools.supervisor import shutdown_pools
     from orch.serve.deployment import build_application
 
     deployed: list[tuple[str, Any, httpx.Client]] = []

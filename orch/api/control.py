@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from orch.api.pools import PoolDetail, PoolView
 
 
 class PoolCounters(BaseModel):
@@ -27,8 +29,8 @@ class PoolMetrics(BaseModel):
     slots: int
     active_slots: int
     service_ms: float = Field(description="moving average of one task's run time")
-    vram_total_bytes: int = 0
-    vram_free_bytes: int = 0
+    vram_total_bytes: Optional[int] = Field(default=0, description="0 without GPUs; null: unknown (the probe failed)")
+    vram_free_bytes: Optional[int] = Field(default=0, description="0 without GPUs; null: unknown (the probe failed)")
     device_mask: Optional[str] = Field(default=None, description="the GPUs Ray granted the pool (ids on its node)")
     counters: PoolCounters
 
@@ -101,30 +103,31 @@ class PurgeResult(BaseModel):
     running: int
 
 
-def health_from_snapshot(snap: dict[str, Any], live: bool = True) -> PoolHealth:
+def pool_health(view: PoolView, detail: Optional[PoolDetail], live: bool = True) -> PoolHealth:
+    """The operator's health body from a pool's view and (when it answered) its detail."""
     return PoolHealth(
-        pool_id=snap["pool_id"],
+        pool_id=view.pool_id,
         live=live,
-        ready=snap["ready"],
-        draining=snap.get("draining", False),
-        drained=snap.get("drained", False),
-        last_error=snap.get("last_error"),
-        engine=snap["engine"],
-        engine_version=snap.get("engine_version", ""),
-        model_ref=snap["model_ref"],
-        model_digest=snap.get("model_digest"),
-        ctx_max=snap.get("ctx_max", 0),
-        workloads=list(snap.get("workloads", ("completion",))),
+        ready=view.ready,
+        draining=view.draining,
+        drained=view.drained,
+        last_error=view.last_error,
+        engine=view.engine,
+        engine_version=view.engine_version,
+        model_ref=view.model_ref,
+        model_digest=view.model_digest,
+        ctx_max=view.ctx_max,
+        workloads=list(view.workloads),
         metrics=PoolMetrics(
-            queue_depth=snap.get("queue_depth", 0),
-            queue_capacity=snap.get("queue_capacity", 0),
-            queue_policy=snap.get("queue_policy", ""),
-            slots=snap.get("slots", 0),
-            active_slots=snap.get("active_slots", 0),
-            service_ms=snap.get("service_ms", 0.0),
-            vram_total_bytes=snap.get("vram_total_bytes", 0),
-            vram_free_bytes=snap.get("vram_free_bytes", 0),
-            device_mask=snap.get("device_mask"),
-            counters=PoolCounters(**snap.get("counters", {})),
+            queue_depth=view.queue_depth,
+            queue_capacity=view.queue_capacity,
+            queue_policy=view.queue_policy,
+            slots=view.slots,
+            active_slots=view.active_slots,
+            service_ms=view.service_ms,
+            vram_total_bytes=view.vram_total_bytes,
+            vram_free_bytes=view.vram_free_bytes,
+            device_mask=view.device_mask,
+            counters=PoolCounters(**(detail.counters if detail is not None else {})),
         ),
     )

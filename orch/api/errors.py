@@ -26,6 +26,7 @@ class ErrorCode(str, Enum):
     BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
     NOT_FOUND = "NOT_FOUND"
     UNAUTHORIZED = "UNAUTHORIZED"
+    FORBIDDEN = "FORBIDDEN"
 
 
 #: HTTP status used for each code when it answers a request (SSE errors carry no status).
@@ -42,6 +43,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BUDGET_EXCEEDED: 429,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
 }
 
 
@@ -68,3 +70,15 @@ class BackpressureBody(ErrorEnvelope):
     policy_label: str
     retriable: bool
     retry_after_ms: int = Field(ge=0)
+
+
+def field_path(loc: tuple) -> str:
+    """A validation error's location as a field path people read (``pools[0].queue.capacity``);
+    empty for the top level."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out

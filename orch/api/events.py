@@ -3,12 +3,16 @@
 A stream is ``started`` -> ``token``* (interleaved with optional ``metrics``) -> ``end`` or
 ``error``. Nothing follows ``end`` or ``error``. Every frame carries an ``id:`` line equal to
 its index in the task's event sequence, so a client can resume with ``Last-Event-ID``.
+
+Producers build each frame's ``data`` as one of these models and send its ``payload()``:
+absent fields stay off the wire, except in ``metrics``, whose state fields are always sent
+(null meaning "not known" or "no longer applies").
 """
 
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,22 +36,34 @@ class FinishReason(str, Enum):
     cancelled = "cancelled"
 
 
-class SSEStarted(BaseModel):
+class EventPayload(BaseModel):
+    def payload(self) -> dict[str, Any]:
+        """The frame's ``data`` as JSON values, without the fields not given."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class SSEStarted(EventPayload):
     queue_position: int = Field(ge=0)
     predicted_start_ms: int = Field(ge=0)
+    queue_wait_ms: Optional[int] = Field(default=None, ge=0, description="how long the task waited in the queue")
     pool_id: str
     engine: str
     engine_version: str
-    seed: int
+    seed: Optional[int] = Field(default=None, description="the sampling seed; absent for embeddings")
     prompt_tokens: int = Field(ge=0)
 
 
-class SSEToken(BaseModel):
+class SSEToken(EventPayload):
     t: str
     i: int = Field(ge=0)
 
 
-class SSEMetrics(BaseModel):
+#: Fields of ``metrics`` sent even when null.
+METRICS_STATE_FIELDS = ("queue_depth", "queue_position", "on_time_probability", "kv_warmth", "tokens_out",
+                        "tokens_per_s")
+
+
+class SSEMetrics(EventPayload):
     """Where a task stands, sent when it starts, about once a second while it runs, and
     every 2 s while it waits in the queue; fields may be added compatibly."""
 
@@ -63,22 +79,30 @@ class SSEMetrics(BaseModel):
     kv_warmth: Optional[bool] = Field(default=None, description="the task's session ran its last turn on this pool")
     tokens_out: Optional[int] = Field(default=None, ge=0)
     tokens_per_s: Optional[float] = Field(default=None, description="the pool's measured decode rate")
-    budgets: Optional[dict[str, Optional[float]]] = Field(
+    budgets: Optional[dict[str, Optional[Union[int, float]]]] = Field(
         default=None, description="the session's budgets left (tokens, time_ms, cost), this task's use so far deducted")
     prep: Optional[dict] = Field(default=None, description="preparation progress while the pool loads the model")
     human: Optional[str] = Field(default=None, description="one plain sentence; only with ?verbose=true")
 
+    def payload(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return {key: value for key, value in data.items() if value is not None or key in METRICS_STATE_FIELDS}
 
-class SSEEnd(BaseModel):
+
+class SSEEnd(EventPayload):
     tokens_out: int = Field(ge=0)
     decode_time_ms: int = Field(ge=0)
     finish_reason: FinishReason
+    tokens_in: Optional[int] = Field(default=None, ge=0, description="embeddings: tokens read")
+    embeddings: Optional[list[list[float]]] = Field(default=None, description="embeddings: one vector per input")
+    transcript_id: Optional[str] = Field(default=None, description="the artifact id of the task's transcript")
 
 
-class SSEError(BaseModel):
+class SSEError(EventPayload):
     code: ErrorCode
     message: str
     retriable: bool = False
     retry_after_ms: Optional[int] = None
     engine: Optional[str] = None
     pool_id: Optional[str] = None
+    transcript_id: Optional[str] = Field(default=None, description="the artifact id of the task's transcript")

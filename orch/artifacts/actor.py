@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import ray
 
+from orch.actors import singleton
 from orch.artifacts.store import ArtifactStore
 
 ACTOR_NAME = "orch-artifacts"
@@ -24,7 +25,6 @@ PENDING_WAIT_S = 2.0
 class ArtifactActor:
     def __init__(self, root: str) -> None:
         self.store = ArtifactStore(root)
-        self.root = root
         self._written = asyncio.Condition()
 
     async def put(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -48,26 +48,7 @@ class ArtifactActor:
                 except asyncio.TimeoutError:
                     pass
 
-    async def root_dir(self) -> str:
-        return self.root
-
 
 def artifact_actor(root: str, namespace: str):
     """The orchestrator's artifact actor, created on first use."""
-    return ArtifactActor.options(
-        name=ACTOR_NAME,
-        namespace=namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        resources=_head_node_resource(),
-        max_concurrency=1000,
-    ).remote(root)
-
-
-def _head_node_resource() -> dict[str, float]:
-    try:
-        if "node:__internal_head__" in ray.cluster_resources():
-            return {"node:__internal_head__": 0.001}
-    except Exception:  # not connected yet: let Ray place it
-        pass
-    return {}
+    return singleton(ArtifactActor, ACTOR_NAME, namespace, root, max_concurrency=1000)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from orch.api.artifacts import ARTIFACT_ID_PATTERN, ArtifactKind
+from orch.core.files import atomic_write
 
 ARTIFACT_ID = re.compile(ARTIFACT_ID_PATTERN)
 
@@ -64,16 +63,7 @@ class ArtifactStore:
             return art_id, False
         record = dict(body, id=art_id, created_at=time.time())
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(canonical_json(record))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, canonical_json(record))
         return art_id, True
 
     def get(self, art_id: str) -> Optional[dict[str, Any]]:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import ray
 
+from orch.actors import singleton
 from orch.catalog.store import CatalogStore
 
 ACTOR_NAME = "orch-catalog"
@@ -28,16 +29,12 @@ ACTOR_NAME = "orch-catalog"
 @ray.remote(num_cpus=0)
 class CatalogActor:
     def __init__(self, root: str) -> None:
-        self.root = root
         self.store = CatalogStore(root)
         self.store.rebuild_index()
         self._progress: dict[str, dict[str, Any]] = {}
         self._in_flight: dict[str, dict[str, Any]] = {}
         self._boot = uuid.uuid4().hex[:12]
         self._changes = 0
-
-    def root_dir(self) -> str:
-        return self.root
 
     def generation(self) -> str:
         """Changes whenever the catalog changed (and when this actor restarted)."""
@@ -150,20 +147,4 @@ class CatalogActor:
 
 def catalog_actor(root: str, namespace: str):
     """The orchestrator's catalog actor, created on first use."""
-    return CatalogActor.options(
-        name=ACTOR_NAME,
-        namespace=namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        resources=_head_node_resource(),
-        max_restarts=-1,
-    ).remote(root)
-
-
-def _head_node_resource() -> dict[str, float]:
-    try:
-        if "node:__internal_head__" in ray.cluster_resources():
-            return {"node:__internal_head__": 0.001}
-    except Exception:  # not connected yet: let Ray place it
-        pass
-    return {}
+    return singleton(CatalogActor, ACTOR_NAME, namespace, root, max_restarts=-1)

@@ -22,14 +22,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from orch.api.pools import LOCAL, READY, RETIRED, WAITING, CatalogBinding
 from orch.api.preparation import PrepStatus, PrepStep
-from orch.core.model_ref import FETCH_SCHEMES, ModelRefError, parse_ref
-from orch.provision.models import catalog_ref
+from orch.core.model_ref import FETCH_SCHEMES, ModelRefError, catalog_ref, parse_ref
 
-READY = "ready"
-LOCAL = "local"
-WAITING = "waiting"
-RETIRED = "retired"
+__all__ = ["CatalogBinding", "LOCAL", "READY", "RETIRED", "WAITING", "accepts_tasks", "catalog_key", "handoff_for",
+           "how_to_provide", "needs_fetch", "preparation", "resolve", "runtime_env_key", "step_of", "with_step"]
 #: Engines that run inside the pool actor: nothing to provision beyond the Python package.
 IN_PROCESS_ENGINES = ("llamacpp", "vllm", "mock")
 
@@ -74,56 +72,54 @@ def handoff_for(pool_id: str, engine: str, key: Optional[str], handoffs: Iterabl
 
 def resolve(pool_id: str, engine: str, model: str, records: Iterable[dict[str, Any]],
             handoffs: Iterable[dict[str, Any]], base_dir: Optional[Path | str] = None, *,
-            attached_url: Optional[str] = None) -> dict[str, Any]:
+            attached_url: Optional[str] = None) -> CatalogBinding:
     """The binding of one pool (see the module docstring). ``attached_url`` is the server an
     ``external`` pool's config already names; without it (and without a handoff) it waits."""
     key = catalog_key(model, base_dir)
-    binding: dict[str, Any] = {
-        "pool_id": pool_id, "model_ref": key or model, "status": LOCAL, "model_path": None, "model_digest": None,
-        "model_id": None, "handoff_id": None, "engine_url": None, "engine_binary": None, "engine_version": None,
-        "engine_mode": None, "runtime_env": {}, "api_key_env": None, "note": None,
-    }
+    binding = CatalogBinding(pool_id=pool_id, model_ref=key or model)
     mine = [r for r in records if key is not None and r.get("ref") == key]
     active = _newest(r for r in mine if r.get("state") == "Active")
     retired = _newest(r for r in mine if r.get("state") == "Retired")
     handoff = handoff_for(pool_id, engine, key, handoffs, base_dir)
     if active is None and retired is not None:
-        binding.update(status=RETIRED, model_id=retired["id"], model_digest=retired["digest"], note=(
+        return _keyed(binding.but(status=RETIRED, model_id=retired["id"], model_digest=retired["digest"], note=(
             f"model retired: catalog model '{retired['id']}' ({retired['ref']}) is Retired; set it Active again "
-            f"(POST /v2/catalog/models/{retired['id']}/state) to serve it"))
-        return _keyed(binding)
+            f"(POST /v2/catalog/models/{retired['id']}/state) to serve it")))
     if active is not None:
-        binding.update(status=READY, model_path=active["local_path"], model_digest=active["digest"],
-                       model_id=active["id"])
+        binding = binding.but(status=READY, model_path=active["local_path"], model_digest=active["digest"],
+                              model_id=active["id"])
     if handoff is not None:
-        binding.update(handoff_id=handoff["id"], engine_url=handoff.get("url"), engine_binary=handoff.get("binary_path"),
-                       engine_version=handoff.get("engine_version"), engine_mode=handoff.get("mode"),
-                       runtime_env=dict(handoff.get("runtime_env") or {}), api_key_env=handoff.get("api_key_env"))
+        binding = binding.but(handoff_id=handoff["id"], engine_url=handoff.get("url"),
+                              engine_binary=handoff.get("binary_path"), engine_version=handoff.get("engine_version"),
+                              engine_mode=handoff.get("mode"), runtime_env=dict(handoff.get("runtime_env") or {}),
+                              api_key_env=handoff.get("api_key_env"))
         if handoff.get("model_path"):
-            binding.update(status=READY, model_path=handoff["model_path"],
-                           model_digest=handoff.get("model_digest"), model_id=handoff.get("model_id"))
-        elif handoff.get("url") and binding["status"] != READY:
-            binding.update(status=READY, model_digest=handoff.get("model_digest"), model_id=handoff.get("model_id"))
-    if binding["status"] != READY:
+            binding = binding.but(status=READY, model_path=handoff["model_path"],
+                                  model_digest=handoff.get("model_digest"), model_id=handoff.get("model_id"))
+        elif handoff.get("url") and binding.status != READY:
+            binding = binding.but(status=READY, model_digest=handoff.get("model_digest"),
+                                  model_id=handoff.get("model_id"))
+    if binding.status != READY:
         if engine == "external" and not attached_url:
-            binding.update(status=WAITING, note=(
+            binding = binding.but(status=WAITING, note=(
                 f"waiting for an external engine: pool '{pool_id}' names no base_url; hand one off (a handoff "
                 "record or a JSON file in catalog.handoff_dir naming this pool and the server's url)"))
         elif engine != "external" and needs_fetch(model):
-            binding.update(status=WAITING, note=(
+            binding = binding.but(status=WAITING, note=(
                 f"waiting for model {key}: it is not in the catalog yet; it is fetched when a task needs it "
                 "(if the outbound policy allows), or provision it with POST /v2/catalog/models, or hand it off"))
         else:
-            binding["status"] = LOCAL
+            binding = binding.but(status=LOCAL)
+    if binding.runtime_env:
+        binding = binding.but(runtime_env_key=runtime_env_key(binding.runtime_env))
     return _keyed(binding)
 
 
-def _keyed(binding: dict[str, Any]) -> dict[str, Any]:
+def _keyed(binding: CatalogBinding) -> CatalogBinding:
     """Add ``load_key``: equal keys load the same thing, so the pool keeps its engine."""
-    loads = {name: binding[name] for name in _LOAD_FIELDS} if binding["status"] in (READY, LOCAL) else {}
-    loads["status"] = binding["status"] if binding["status"] in (WAITING, RETIRED) else "load"
-    binding["load_key"] = hashlib.sha256(json.dumps(loads, sort_keys=True).encode()).hexdigest()[:16]
-    return binding
+    loads = {name: getattr(binding, name) for name in _LOAD_FIELDS} if binding.status in (READY, LOCAL) else {}
+    loads["status"] = binding.status if binding.status in (WAITING, RETIRED) else "load"
+    return binding.but(load_key=hashlib.sha256(json.dumps(loads, sort_keys=True).encode()).hexdigest()[:16])
 
 
 def runtime_env_key(runtime_env: Optional[dict[str, Any]]) -> str:
@@ -142,22 +138,22 @@ def _step(step: PrepStep, status: PrepStatus, pct: float, detail: Optional[str] 
     return {"step": step.value, "status": status.value, "pct": round(max(0.0, min(100.0, pct)), 1), "detail": detail}
 
 
-def preparation(binding: dict[str, Any], engine: str, *, fetch_allowed: bool, blocked_reason: Optional[str] = None,
+def preparation(binding: CatalogBinding, engine: str, *, fetch_allowed: bool, blocked_reason: Optional[str] = None,
                 progress: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The preparation plan of a pool from its binding and the catalog's progress for its ref
     (``pool_warmup`` is pending here; the pool itself moves it on as it loads)."""
-    if binding.get("engine_mode"):
+    if binding.engine_mode:
         engine_step = _step(PrepStep.engine_provision, PrepStatus.done, 100,
-                            f"handed off ({binding['engine_mode']}, handoff '{binding.get('handoff_id')}')")
+                            f"handed off ({binding.engine_mode}, handoff '{binding.handoff_id}')")
     else:
         engine_step = _step(PrepStep.engine_provision, PrepStatus.skipped, 100,
                             f"{engine} runs in the pool actor" if engine in IN_PROCESS_ENGINES else None)
     reason = None
-    status = binding["status"]
+    status = binding.status
     if engine == "external" and status == WAITING:
-        reason = binding.get("note")
+        reason = binding.note
         return {
-            "pool_id": binding["pool_id"], "model_ref": binding["model_ref"], "fetch_allowed": False,
+            "pool_id": binding.pool_id, "model_ref": binding.model_ref, "fetch_allowed": False,
             "steps": [_step(PrepStep.engine_provision, PrepStatus.blocked, 0, "waiting for an engine handoff"),
                       _step(PrepStep.model_fetch, PrepStatus.skipped, 100, "the external server holds the model"),
                       _step(PrepStep.pool_warmup, PrepStatus.pending, 0)],
@@ -166,10 +162,10 @@ def preparation(binding: dict[str, Any], engine: str, *, fetch_allowed: bool, bl
                    "and the server's url (see orch/catalog/handoff_files.py)",
         }
     if status == RETIRED:
-        reason, fetch_allowed = binding.get("note"), False
+        reason, fetch_allowed = binding.note, False
         fetch = _step(PrepStep.model_fetch, PrepStatus.blocked, 0, "the model is Retired in the catalog")
     elif status in (READY, LOCAL):
-        fetch = _step(PrepStep.model_fetch, PrepStatus.done, 100, binding.get("model_path"))
+        fetch = _step(PrepStep.model_fetch, PrepStatus.done, 100, binding.model_path)
     elif progress is not None and progress.get("phase") == "running":
         done, total = int(progress.get("done") or 0), progress.get("total")
         pct = 100.0 * done / total if total else 0.0
@@ -187,12 +183,12 @@ def preparation(binding: dict[str, Any], engine: str, *, fetch_allowed: bool, bl
         fetch = _step(PrepStep.model_fetch, PrepStatus.blocked, 0, reason)
     warmup = _step(PrepStep.pool_warmup, PrepStatus.pending, 0)
     return {
-        "pool_id": binding["pool_id"],
-        "model_ref": binding["model_ref"],
+        "pool_id": binding.pool_id,
+        "model_ref": binding.model_ref,
         "fetch_allowed": bool(fetch_allowed),
         "steps": [engine_step, fetch, warmup],
         "reason": reason,
-        "how": None if status in (READY, LOCAL) else how_to_provide(binding["model_ref"]),
+        "how": None if status in (READY, LOCAL) else how_to_provide(binding.model_ref),
     }
 
 

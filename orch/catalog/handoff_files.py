@@ -21,6 +21,8 @@ a handoff record (orch/api/catalog.py ``HandoffRecord``)::
       "api_key_env": "UPSTREAM_KEY"          the variable holding the server's key (never the key)
     }
 
+``model_path`` and ``binary_path`` must lie under ``catalog.local_roots`` (or the engine
+cache, for a binary), symlinks resolved; a file naming anything else is refused.
 ``id`` defaults to the file name without ``.json``; ``origin`` and the timestamps are set by
 the watcher. Files whose names start with ``.`` (editors' and atomic writers' temporary files)
 are skipped, so write a file elsewhere and rename it in.
@@ -33,12 +35,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pydantic import ValidationError
 
 from orch.api.catalog import HandoffRecord
 from orch.api.tasks import ID_PATTERN
+from orch.core.local_roots import OutsideLocalRoots, within_roots
 
 MAX_FILES = 256
 MAX_FILE_BYTES = 64 * 1024
@@ -86,10 +89,20 @@ def list_files(directory: Path | str) -> list[HandoffFile]:
     return found
 
 
-def read_file(handoff: HandoffFile, canonical_ref: Optional[Any] = None) -> dict[str, Any]:
+def check_paths(record: dict[str, Any], roots: Sequence[str]) -> None:
+    """Refuse (OutsideLocalRoots) a record whose ``model_path`` or ``binary_path`` resolves
+    outside ``roots``."""
+    for name, what in (("model_path", "model_path"), ("binary_path", "engine binary_path")):
+        if isinstance(record.get(name), str):
+            within_roots(record[name], roots, what)
+
+
+def read_file(handoff: HandoffFile, canonical_ref: Optional[Any] = None,
+              roots: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The handoff record a file describes, validated; raises HandoffFileError.
 
-    ``canonical_ref`` maps the file's ``model_ref`` to the catalog's form of it.
+    ``canonical_ref`` maps the file's ``model_ref`` to the catalog's form of it; ``roots``
+    are where its ``model_path`` and ``binary_path`` may lie (see ``check_paths``).
     """
     where = f"handoff file {handoff.path}"
     if handoff.stamp[1] > MAX_FILE_BYTES:
@@ -118,9 +131,15 @@ def read_file(handoff: HandoffFile, canonical_ref: Optional[Any] = None) -> dict
             raise HandoffFileError(f"{where}: model_ref: {exc}") from None
     data["origin"] = origin_of(handoff.name)
     try:
-        return HandoffRecord.model_validate(data).model_dump(mode="json", exclude={"created_at", "updated_at"})
+        record = HandoffRecord.model_validate(data).model_dump(mode="json", exclude={"created_at", "updated_at"})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(part) for part in first["loc"]) or "(top level)"
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         raise HandoffFileError(f"{where}: {loc}: {message}") from None
+    if roots is not None:
+        try:
+            check_paths(record, roots)
+        except OutsideLocalRoots as exc:
+            raise HandoffFileError(f"{where}: {exc}") from None
+    return record

@@ -17,10 +17,8 @@ read: they open the index read-only and create nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -29,6 +27,7 @@ from pydantic import ValidationError
 
 from orch.api.catalog import SCHEMA_VERSION, CatalogModel, HandoffRecord, ModelState
 from orch.api.tasks import ID_PATTERN
+from orch.core.files import atomic_write
 
 RECORDS_DIR = "models"
 HANDOFFS_DIR = "handoffs"
@@ -97,25 +96,6 @@ def _read_record(root: Path, model_id: str) -> Optional[dict[str, Any]]:
     except FileNotFoundError:
         return None
     return parse_record(raw, str(path))
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def parse_handoff(raw: bytes, where: str) -> dict[str, Any]:

@@ -9,18 +9,21 @@ import os
 import time
 from typing import Optional
 
-from orch.engines.base import EngineError
-
 GiB = 1024**3
 
 
+class CapacityError(RuntimeError):
+    """The model does not fit where the pool would load it; the message gives the numbers.
+    The pool reports it as its load failure, like any engine's."""
+
+
 def check_fits(pool_id: str, needed_bytes: int, available: tuple[Optional[int], str]) -> None:
-    """Raise EngineError when ``needed_bytes`` exceeds what is available (when both are known)."""
+    """Raise CapacityError when ``needed_bytes`` exceeds what is available (when both are known)."""
     available_bytes, where = available
     if not needed_bytes or available_bytes is None:
         return
     if needed_bytes > available_bytes:
-        raise EngineError(
+        raise CapacityError(
             f"model needs about {needed_bytes / GiB:.2f} GiB but {where} has {available_bytes / GiB:.2f} GiB free "
             f"for pool '{pool_id}'; use a smaller or more quantised model, fewer slots or a smaller ctx, "
             "or give the pool a larger GPU"
@@ -41,8 +44,9 @@ def available_memory(num_gpus: float, declared_per_gpu: Optional[int] = None) ->
 class GpuMemory:
     """Total and free VRAM of a pool's GPUs, for the placement snapshot: NVML's numbers for
     the devices Ray granted, else the config's ``gpu_memory_bytes`` per GPU less the loaded
-    model's estimate; (0, 0) on CPU. Read at most once a second (NVML calls are not free
-    and the snapshot is read several times a second)."""
+    model's estimate; (0, 0) on CPU; (None, None) on GPUs whose memory is unknown (no NVML,
+    no declared size), which placement treats as unknown rather than full. Read at most once
+    a second (NVML calls are not free and the snapshot is read several times a second)."""
 
     def __init__(self, num_gpus: float, declared_per_gpu: Optional[int] = None, max_age_s: float = 1.0) -> None:
         self.gpus = max(1, math.ceil(num_gpus)) if num_gpus > 0 else 0
@@ -51,7 +55,7 @@ class GpuMemory:
         self._read_at = -math.inf
         self._measured: Optional[tuple[int, int]] = None
 
-    def read(self, model_bytes: int) -> tuple[int, int]:
+    def read(self, model_bytes: int) -> tuple[Optional[int], Optional[int]]:
         if not self.gpus:
             return 0, 0
         now = time.monotonic()
@@ -63,7 +67,7 @@ class GpuMemory:
         if self.declared_per_gpu:
             total = self.declared_per_gpu * self.gpus
             return total, max(0, total - model_bytes)
-        return 0, 0
+        return None, None
 
 
 def _host_available() -> Optional[int]:

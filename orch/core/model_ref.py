@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
+from orch.core.net import is_loopback
+
 LOCAL_FORMS = "pkg:<package>/<file>, file:/abs/path, file:relative/path, /abs/path, relative/path"
 ACCEPTED_FORMS = (
     "hf:<org>/<repo>[@<revision>]/<path/to/file>, hf:<org>/<repo>[@<revision>], https://host/path, "
@@ -185,15 +187,6 @@ def _parse_hf(raw: str) -> ModelRef:
     return ModelRef("hf", body, raw, repo=f"{org}/{repo}", path=path, revision=revision if at else None)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _valid_host(host: str) -> bool:
     if _HOSTNAME.match(host):
         return True
@@ -222,7 +215,7 @@ def _parse_url(raw: str) -> ModelRef:
         raise _refuse(raw, "URL port 0 is not valid")
     if parts.fragment or raw.endswith("#"):
         raise _refuse(raw, "a URL fragment ('#...') names no file")
-    if scheme == "http" and not _is_loopback(host):
+    if scheme == "http" and not is_loopback(host):
         raise _refuse(raw, "plain http:// is accepted for loopback hosts only (a local mirror); use https://")
     path = parts.path
     if not path.startswith("/") or path == "/":
@@ -303,6 +296,14 @@ def format_ref(ref: ModelRef) -> str:
 def canonical_ref(raw: str) -> str:
     """The canonical form of any accepted ref string (the catalog's key for it)."""
     return format_ref(parse_ref(raw))
+
+
+def catalog_ref(ref: ModelRef, base_dir: Optional[str]) -> str:
+    """The ref as the catalog keys it: canonical, relative paths made absolute."""
+    if ref.scheme == "file" and not os.path.isabs(ref.target):
+        base = base_dir or os.getcwd()
+        return "file:" + os.path.normpath(os.path.join(base, ref.target))
+    return format_ref(ref)
 
 
 # --------------------------------------------------------------------------- the model cache
@@ -434,6 +435,6 @@ def default_model_id(ref: str) -> str:
 
 __all__ = [
     "ACCEPTED_FORMS", "FETCH_SCHEMES", "LOCAL_FORMS", "LOCAL_SCHEMES", "ModelRef", "ModelRefError",
-    "cache_path", "cache_segments", "canonical_ref", "default_model_id", "display_name", "ensure_under", "format_ref",
+    "cache_path", "cache_segments", "canonical_ref", "catalog_ref", "default_model_id", "display_name", "ensure_under", "format_ref",
     "parse_model_ref", "parse_ref", "resolve_local", "resolve_local_path", "safe_join",
 ]

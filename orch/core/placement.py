@@ -14,66 +14,12 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from orch.api.errors import ErrorCode
+from orch.api.pools import PoolView
 from orch.api.tasks import PlacementMode, PlacementOverrides
 from orch.core.errors import OrchError
+from orch.core.model_ref import display_name
 
-
-@dataclass(frozen=True)
-class PoolView:
-    """What placement needs to know about one pool (a row of the registry snapshot)."""
-
-    pool_id: str
-    engine: str
-    model_ref: str
-    ready: bool
-    draining: bool = False
-    model_aliases: tuple[str, ...] = ()
-    vram_free_bytes: int = 0
-    vram_total_bytes: int = 0
-    slots: int = 1
-    active_slots: int = 0
-    queue_depth: int = 0
-    device_mask: Optional[str] = None
-    workloads: tuple[str, ...] = ("completion",)
-    #: Replica set this pool belongs to (its own id when it is alone).
-    replica_set: Optional[str] = None
-    engine_version: str = ""
-    #: Moving average of one task's run time on this pool (ms); 0 when unknown.
-    service_ms: float = 0.0
-
-    @property
-    def load(self) -> int:
-        return self.active_slots + self.queue_depth
-
-    @property
-    def can_start_now(self) -> bool:
-        return self.load < self.slots
-
-    @property
-    def expected_wait_ms(self) -> float:
-        """How long a newcomer would wait for a slot, from the pool's own measured speed."""
-        if self.can_start_now:
-            return 0.0
-        ahead = self.load - self.slots + 1
-        return ahead * max(self.service_ms, 1.0) / max(self.slots, 1)
-
-    def named(self, names: Iterable[str]) -> bool:
-        """Is this pool named in ``names``, by its id or its replica set's?"""
-        names = set(names)
-        return self.pool_id in names or (self.replica_set is not None and self.replica_set in names)
-
-    def serves(self, engine: Optional[str], model_ref: Optional[str], workload: str = "completion") -> bool:
-        if workload not in self.workloads:
-            return False
-        if engine is not None and engine != self.engine:
-            return False
-        if model_ref is not None and model_ref != self.model_ref and model_ref not in self.model_aliases:
-            return False
-        return True
-
-    @property
-    def accepting(self) -> bool:
-        return self.ready and not self.draining
+__all__ = ["PlacementDecision", "PoolView", "best", "place", "preparing_pool", "rank_key"]
 
 
 @dataclass(frozen=True)
@@ -85,21 +31,28 @@ class PlacementDecision:
     candidates_considered: int = 0
 
 
-def rank_key(pool: PoolView) -> tuple[int, float, int, str]:
+def rank_key(pool: PoolView, by_vram: bool = True) -> tuple[int, float, int, str]:
     """Pools that can start the task now come first, ordered by most free VRAM, then least
     work (slots in use plus queued tasks), then id. When every candidate is busy, the one
     with the shortest expected wait (its queue times its measured task time per slot) wins.
 
     Free VRAM alone would send every task to the biggest card whatever its speed or queue;
     it decides among pools with room, and expected wait decides among full ones.
+    ``by_vram`` false (some pool's VRAM is unknown) leaves VRAM out of the order.
     """
     if pool.can_start_now:
-        return (0, float(-pool.vram_free_bytes), pool.load, pool.pool_id)
+        free = pool.vram_free_bytes if by_vram and pool.vram_free_bytes is not None else 0
+        return (0, float(-free), pool.load, pool.pool_id)
     return (1, pool.expected_wait_ms, pool.load, pool.pool_id)
 
 
 def best(pools: Iterable[PoolView]) -> PoolView:
-    return min(pools, key=rank_key)
+    """The first pool in ``rank_key`` order. Free VRAM only ranks pools when every pool that
+    could start the task now reported it: an unknown amount (a failed probe) is neither
+    more nor less than a known one, so then load and id decide."""
+    pools = list(pools)
+    by_vram = all(p.vram_free_bytes is not None for p in pools if p.can_start_now)
+    return min(pools, key=lambda p: rank_key(p, by_vram))
 
 
 def place(
@@ -127,14 +80,7 @@ def place(
         )
     avoid = set(overrides.avoid_pools)
     mixed = _mixed_version_members(serving)
-    candidates = [
-        p
-        for p in serving
-        if p.accepting
-        and not p.named(avoid)
-        and p.pool_id not in mixed
-        and (overrides.require_device_mask is None or p.device_mask == overrides.require_device_mask)
-    ]
+    candidates = [p for p in serving if p.accepting and p.pool_id not in mixed and _within(p, overrides)]
     if not candidates:
         reasons = ", ".join(f"{p.pool_id} ({_why_excluded(p, avoid, overrides.require_device_mask, mixed)})"
                             for p in serving)
@@ -156,32 +102,66 @@ def place(
                 return PlacementDecision(pool.pool_id, session_affinity=True, candidates_considered=considered)
 
     if overrides.prefer_pools:
-        preferred = [p for p in candidates if p.named(overrides.prefer_pools)]
-        if preferred:
-            return PlacementDecision(best(preferred).pool_id, candidates_considered=considered)
-        if not overrides.allow_fallback:
-            named = ", ".join(overrides.prefer_pools)
-            if not any(p.named(overrides.prefer_pools) for p in pools):
-                known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
-                raise OrchError(ErrorCode.INVALID_PARAMS,
-                                f"placement.prefer_pools ({named}) names no configured pool and allow_fallback is "
-                                f"false; configured pools: {known}", engine=engine)
-            if not any(p.named(overrides.prefer_pools) for p in serving):
-                raise OrchError(ErrorCode.POOL_UNAVAILABLE,
-                                f"none of the preferred pools ({named}) serves {wanted} and allow_fallback is false",
-                                engine=engine)
-            raise OrchError(
-                ErrorCode.POOL_UNREADY,
-                "none of the preferred pools ("
-                + ", ".join(overrides.prefer_pools)
-                + ") is Ready and allow_fallback is false",
-                retriable=True,
-                retry_after_ms=1000,
-                engine=engine,
-            )
-        return PlacementDecision(best(candidates).pool_id, fallback=True, candidates_considered=considered)
+        return _place_preferred(pools, serving, candidates, overrides, wanted, engine)
 
     return PlacementDecision(best(candidates).pool_id, candidates_considered=considered)
+
+
+def _place_preferred(pools: Sequence[PoolView], serving: list[PoolView], candidates: list[PoolView],
+                     overrides: PlacementOverrides, wanted: str, engine: Optional[str]) -> PlacementDecision:
+    """A preferred pool that can take the work; else a fallback when allowed, or the reason
+    none of the preferred pools will do."""
+    considered = len(candidates)
+    preferred = [p for p in candidates if p.named(overrides.prefer_pools)]
+    if preferred:
+        return PlacementDecision(best(preferred).pool_id, candidates_considered=considered)
+    if overrides.allow_fallback:
+        return PlacementDecision(best(candidates).pool_id, fallback=True, candidates_considered=considered)
+    named = ", ".join(overrides.prefer_pools)
+    if not any(p.named(overrides.prefer_pools) for p in pools):
+        known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
+        raise OrchError(ErrorCode.INVALID_PARAMS,
+                        f"placement.prefer_pools ({named}) names no configured pool and allow_fallback is "
+                        f"false; configured pools: {known}", engine=engine)
+    if not any(p.named(overrides.prefer_pools) for p in serving):
+        raise OrchError(ErrorCode.POOL_UNAVAILABLE,
+                        f"none of the preferred pools ({named}) serves {wanted} and allow_fallback is false",
+                        engine=engine)
+    raise OrchError(ErrorCode.POOL_UNREADY,
+                    f"none of the preferred pools ({named}) is Ready and allow_fallback is false",
+                    retriable=True, retry_after_ms=1000, engine=engine)
+
+
+def preparing_pool(
+    pools: Sequence[PoolView],
+    *,
+    engine: Optional[str] = None,
+    model_ref: Optional[str] = None,
+    overrides: Optional[PlacementOverrides] = None,
+    workload: str = "completion",
+) -> Optional[PlacementDecision]:
+    """The pool to wait for when ``place`` found none Ready: one that holds for the asked
+    model (waiting for it, or retired) and that the request's constraints allow; such a
+    pool answers with its preparation plan and queues the task while its model is fetched.
+    Among several, the shortest queue, then the id. None when there is no such pool."""
+    overrides = overrides or PlacementOverrides()
+    pin = overrides.pin_pool_id if overrides.mode == PlacementMode.pin else None
+    found = [
+        p for p in pools
+        if p.held and not p.draining and p.serves(engine, model_ref, workload) and _within(p, overrides)
+        and (pin is None or p.named([pin]))
+        and (not overrides.prefer_pools or overrides.allow_fallback or p.named(overrides.prefer_pools))
+    ]
+    if not found:
+        return None
+    chosen = min(found, key=lambda p: (p.queue_depth, p.pool_id))
+    return PlacementDecision(chosen.pool_id, pinned=pin is not None, candidates_considered=len(found))
+
+
+def _within(pool: PoolView, overrides: PlacementOverrides) -> bool:
+    """The request's hard constraints besides the pin: not avoided, on the required devices."""
+    return not pool.named(overrides.avoid_pools) and (
+        overrides.require_device_mask is None or pool.device_mask == overrides.require_device_mask)
 
 
 def _place_pinned(
@@ -220,11 +200,7 @@ def _place_pinned(
             pool_id=pin,
         )
     mixed = _mixed_version_members(pools)
-    accepting = [
-        p for p in members
-        if p.accepting and p.pool_id not in mixed
-        and (overrides.require_device_mask is None or p.device_mask == overrides.require_device_mask)
-    ]
+    accepting = [p for p in members if p.accepting and p.pool_id not in mixed and _within(p, overrides)]
     if not accepting:
         state = "draining" if all(p.draining for p in members) else "not Ready"
         raise OrchError(
@@ -281,3 +257,42 @@ def _describe(engine: Optional[str], model_ref: Optional[str], workload: str = "
     if workload != "completion":
         return parts[0] + (" with " + " and ".join(parts[1:]) if len(parts) > 1 else "")
     return " and ".join(parts) or "any model"
+
+
+@dataclass(frozen=True)
+class ModelMatch:
+    """Where a request's model name leads."""
+
+    #: What placement matches: the name itself when it is a model ref or an alias, else the
+    #: ref of the first pool (by id) whose model has that display name.
+    model_ref: str
+    #: Ready, not draining pools serving that model for the workload, by id.
+    serving: tuple[PoolView, ...]
+    #: False when every pool with the model is loaded and none offers the workload (only
+    #: a loaded pool knows its workloads, so one still loading leaves it to placement).
+    offered: bool
+
+
+def served_names(pool: PoolView) -> list[str]:
+    """The names a pool answers to besides its model ref (what /v1/models lists): its
+    aliases, then its model's display name."""
+    names = list(pool.model_aliases)
+    name = display_name(pool.model_ref)
+    if name not in names:
+        names.append(name)
+    return names
+
+
+def match_model(pools: Sequence[PoolView], name: str, workload: str = "completion") -> Optional[ModelMatch]:
+    """The pools a model name leads to, for ``workload``; None when no pool has a model of
+    that ref, alias or display name."""
+    ordered = sorted(pools, key=lambda p: p.pool_id)
+    matched = [p for p in ordered if name == p.model_ref or name in served_names(p)]
+    if not matched:
+        return None
+    exact = any(name == p.model_ref or name in p.model_aliases for p in matched)
+    model_ref = name if exact else matched[0].model_ref
+    relevant = [p for p in matched if model_ref == p.model_ref or model_ref in p.model_aliases]
+    offers = [p for p in relevant if workload in p.workloads]
+    offered = bool(offers) or not all(p.ready for p in relevant)
+    return ModelMatch(model_ref, tuple(p for p in offers if p.accepting), offered)

@@ -73,6 +73,28 @@ class SessionPolicy:
         return tokens_in * self.cost_per_1k_tokens_in / 1000 + tokens_out * self.cost_per_1k_tokens_out / 1000
 
 
+@dataclass(frozen=True)
+class TurnCheck:
+    """The answer to "may this session take another turn?", as plain data so it crosses to
+    the ingress as it is: either the turn's context, or why it is refused."""
+
+    #: The pool that served the session's last turn (affinity); None for a new session.
+    last_pool_id: Optional[str] = None
+    #: What the session may still spend; None without budgets.
+    budgets: Optional[dict[str, Any]] = None
+    #: Why the turn is refused (what to do instead); None when it may go ahead.
+    refusal: Optional[str] = None
+    #: Until the refused session expires (its budgets start afresh); None for a new session.
+    retry_after_ms: Optional[int] = None
+
+    def error(self) -> Optional[OrchError]:
+        """The BUDGET_EXCEEDED refusal to answer with, or None when the turn may go ahead."""
+        if self.refusal is None:
+            return None
+        return OrchError(ErrorCode.BUDGET_EXCEEDED, self.refusal, retriable=False,
+                         retry_after_ms=self.retry_after_ms, policy_label=POLICY_LABEL)
+
+
 @dataclass(slots=True)
 class _Session:
     last_active: float
@@ -105,6 +127,14 @@ class SessionBook:
         """May this session start another turn? Raises OrchError BUDGET_EXCEEDED if not;
         returns the pool that served its last turn (for affinity), None for a new session,
         which this creates."""
+        turn = self.check_turn(session_id, max_tokens=max_tokens, deadline_ms=deadline_ms)
+        error = turn.error()
+        if error is not None:
+            raise error
+        return turn.last_pool_id
+
+    def check_turn(self, session_id: str, *, max_tokens: int = 0, deadline_ms: Optional[int] = None) -> TurnCheck:
+        """``check`` answered rather than raised, with the budgets the turn may still use."""
         _require_id(session_id, "session_id")
         max_tokens = _require_count(max_tokens, "max_tokens")
         if deadline_ms is not None:
@@ -113,17 +143,10 @@ class SessionBook:
         usage = session or _Session(last_active=self._clock())
         refusal = self._refusal(session_id, usage, max_tokens, deadline_ms)
         if refusal is not None:
-            raise OrchError(
-                ErrorCode.BUDGET_EXCEEDED,
-                refusal,
-                retriable=False,
-                retry_after_ms=self._ttl_ms_remaining(session) if session else None,
-                policy_label=POLICY_LABEL,
-            )
+            return TurnCheck(refusal=refusal, retry_after_ms=self._ttl_ms_remaining(session) if session else None)
         if session is None:
             self._create(session_id)
-            return None
-        return session.last_pool_id
+        return TurnCheck(session.last_pool_id if session else None, self.budgets_left(session_id))
 
     def budgets_left(self, session_id: str) -> Optional[dict[str, Any]]:
         """What the session may still spend (a new session: everything); None without budgets."""

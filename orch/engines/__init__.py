@@ -3,70 +3,62 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import Optional
 
+from orch.api.pools import CatalogBinding
+from orch.config import PoolConfig, project_root
+from orch.core.model_ref import resolve_local, resolve_local_path
 from orch.engines.base import Engine, EngineError, GenerationParams
-
-if TYPE_CHECKING:
-    from orch.config import PoolConfig
+from orch.engines.external import ExternalEngine
+from orch.engines.llamacpp import LlamaCppEngine
+from orch.engines.mock import MockEngine
+from orch.engines.vllm_engine import VllmEngine
 
 __all__ = ["Engine", "EngineError", "GenerationParams", "build_engine", "bound_model_path"]
 
 
-def bound_model_path(config: "PoolConfig", binding: Optional[Mapping[str, Any]], *, directory_ok: bool) -> Optional[Path]:
+def bound_model_path(config: PoolConfig, binding: Optional[CatalogBinding], *, directory_ok: bool) -> Optional[Path]:
     """The model file a catalog binding names (a record's ``local_path`` or a handoff's
     ``model_path``), checked on this node; None when the pool resolves its own ref."""
-    if not binding or not binding.get("model_path"):
+    if binding is None or not binding.model_path:
         return None
-    path = Path(binding["model_path"])
+    path = Path(binding.model_path)
     if path.is_file() or (directory_ok and path.is_dir()):
         return path
-    source = f"catalog model '{binding['model_id']}'" if binding.get("model_id") else "the handed-off model"
-    raise EngineError(f"{source} ({binding.get('model_ref')}) is at {path}, which is not on this node's disk; "
+    source = f"catalog model '{binding.model_id}'" if binding.model_id else "the handed-off model"
+    raise EngineError(f"{source} ({binding.model_ref}) is at {path}, which is not on this node's disk; "
                       "provision it on this node (node_id) or hand off a path that exists here")
 
 
-def _refuse_external(config: "PoolConfig", binding: Optional[Mapping[str, Any]]) -> None:
-    if binding and (binding.get("engine_url") or binding.get("engine_binary")):
-        where = binding.get("engine_url") or binding.get("engine_binary")
+def _refuse_external(config: PoolConfig, binding: Optional[CatalogBinding]) -> None:
+    if binding is not None and (binding.engine_url or binding.engine_binary):
+        where = binding.engine_url or binding.engine_binary
         raise EngineError(f"pool '{config.id}' runs {config.engine.value} inside its actor; the handed-off engine "
-                          f"at {where} (handoff '{binding.get('handoff_id')}') runs outside it and is not used by "
+                          f"at {where} (handoff '{binding.handoff_id}') runs outside it and is not used by "
                           "this engine; hand it off to a pool whose engine attaches to it")
 
 
-def build_engine(config: "PoolConfig", binding: Optional[Mapping[str, Any]] = None) -> Engine:
+def build_engine(config: PoolConfig, binding: Optional[CatalogBinding] = None) -> Engine:
     """The engine a pool config asks for, not yet loaded; ``binding`` (from the catalog, see
     orch/catalog/binding.py) names the model file to load instead of the configured ref."""
     engine = config.engine.value
     if engine == "llamacpp":
-        from orch.config import project_root
-        from orch.core.model_ref import resolve_local
-        from orch.engines.llamacpp import LlamaCppEngine
-
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=False) or resolve_local(config.model, base_dir=project_root())
         threads = config.threads or max(1, int(config.num_cpus))
         return LlamaCppEngine(path, slots=config.slots, ctx=config.ctx, threads=threads, **config.engine_options)
     if engine == "vllm":
-        from orch.config import project_root
-        from orch.core.model_ref import resolve_local_path
-        from orch.engines.vllm_engine import VllmEngine
-
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=True) or resolve_local_path(
             config.model, base_dir=project_root())
         return VllmEngine(path, slots=config.slots, ctx=config.ctx, engine_options=config.engine_options)
     if engine == "external":
-        from orch.engines.external import ExternalEngine
-
         options = dict(config.engine_options)
-        if binding and binding.get("engine_url"):  # an external engine handed off to this pool
-            options["base_url"] = binding["engine_url"]
-            if binding.get("api_key_env"):
-                options["api_key_env"] = binding["api_key_env"]
+        if binding is not None and binding.engine_url:  # an external engine handed off to this pool
+            options["base_url"] = binding.engine_url
+            if binding.api_key_env:
+                options["api_key_env"] = binding.api_key_env
         return ExternalEngine(config.model, slots=config.slots, ctx=config.ctx, **options)
     if engine == "mock":
-        from orch.engines.mock import MockEngine
-
         return MockEngine.from_options(dict(config.engine_options), slots=config.slots, ctx=config.ctx)
     raise EngineError(f"engine '{engine}' cannot host a pool")

@@ -1,8 +1,11 @@
 """Engine interface: what a pool actor needs from an inference engine.
 
-Engines are synchronous and run in the pool actor's worker threads, one generation per
-slot at a time. Tokens leave through ``emit``; returning False from it stops generation
-(cancel, deadline), which is how cancellation reaches the engine without polling.
+An engine runs one generation per slot at a time, in one of two ways: ``generate`` is
+synchronous and runs in a slot thread of the pool actor (llama.cpp, the mock, an external
+server), and an engine with ``generates_on_loop`` (vLLM, batched llama.cpp) instead has
+``generate_async`` awaited on the actor's event loop, without slot threads. Either way tokens leave through
+``emit``; returning False from it stops generation (cancel, deadline), which is how
+cancellation reaches the engine without polling.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ class GenerationParams:
     #: Whether the engine may start from a cached prompt prefix (False: a clean context,
     #: asked for with ``kv_hint: cold`` or ``determinism: strict``).
     reuse_prefix: bool = True
+    #: vLLM's scale for tokens already seen (1.0 or None: off); llama.cpp's ``repeat_penalty``.
+    repetition_penalty: Optional[float] = None
+    #: Drop tokens below this fraction of the likeliest one's probability (None: the engine's default).
+    min_p: Optional[float] = None
+    #: Generate to ``max_tokens``: the model's end-of-generation tokens are never sampled.
+    ignore_eos: bool = False
+    #: ``determinism: strict``: a batching engine runs the sequence alone, so other work cannot change its text.
+    strict: bool = False
 
 
 class EngineError(RuntimeError):
@@ -67,7 +78,8 @@ class Engine(ABC):
 
     @abstractmethod
     def generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
-        """Generate on ``slot``; returns why generation stopped (cancel is the caller's)."""
+        """Generate on ``slot`` (in that slot's thread); returns why generation stopped
+        (cancel is the caller's)."""
 
     # -- optional capabilities ---------------------------------------------------------
     #: True for an engine with an asyncio API: the pool then awaits ``generate_async`` on its
@@ -104,9 +116,6 @@ class Engine(ABC):
     def memory_needed(self) -> int:
         """Bytes the loaded model will hold (weights and KV cache); 0 when unknown."""
         return 0
-
-    def reset_caches(self) -> None:
-        """Drop cached KV state (operator purge); the next generation starts cold."""
 
     def close(self) -> None:  # pragma: no cover - engines without resources
         pass

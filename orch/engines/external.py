@@ -94,6 +94,7 @@ class ExternalEngine(Engine):
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        body.update(sampling_extensions(params))
         finish = FinishReason.length
         done = False
         try:
@@ -154,6 +155,20 @@ class ExternalEngine(Engine):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def sampling_extensions(params: GenerationParams) -> dict[str, Any]:
+    """The sampling extensions a request set, for the upstream body; unset ones are left out so
+    an upstream without them still serves the plain request. The penalty goes under vLLM's name
+    and llama-server's (``repeat_penalty``); each server ignores the other's."""
+    body: dict[str, Any] = {}
+    if params.repetition_penalty is not None:
+        body["repetition_penalty"] = body["repeat_penalty"] = params.repetition_penalty
+    if params.min_p is not None:
+        body["min_p"] = params.min_p
+    if params.ignore_eos:
+        body["ignore_eos"] = True
+    return body
 
 
 def _read_key(env: Optional[str], path: Optional[str]) -> str:

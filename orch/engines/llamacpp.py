@@ -1,7 +1,9 @@
 """llama.cpp through llama-cpp-python, in process.
 
 One ``Llama`` context per slot: the GGUF is memory-mapped, so the weights are shared by the
-OS and each extra slot costs only its KV cache.
+OS and each extra slot costs only its KV cache. ``engine_options: {batching: true}`` selects
+instead one context whose slots are decoded together (orch/engines/llamacpp_batch.py,
+``llamacpp_engine`` there picks the class).
 
 Prefix cache: a slot keeps the tokens it evaluated last, and a generation whose prompt starts
 with the same tokens (a chat's system prompt and earlier turns, a repeated prompt) evaluates
@@ -28,6 +30,8 @@ SEED_MODULUS = 2**32
 DEFAULT_CTX_CAP = 4096
 #: Seconds close() waits for running calls to leave llama.cpp before it frees the model.
 CLOSE_WAIT_S = 30.0
+#: Whether a pool that does not set ``engine_options.batching`` decodes its slots together.
+BATCHING_DEFAULT = False
 
 log = logging.getLogger("orch.engine")
 
@@ -43,6 +47,9 @@ class LlamaCppEngine(Engine):
         if not isinstance(prefix_cache, bool):
             raise EngineError(f"engine option prefix_cache must be true or false, not {prefix_cache!r}")
         self.prefix_cache = prefix_cache
+        batching = llama_options.pop("batching", BATCHING_DEFAULT)
+        if not isinstance(batching, bool):
+            raise EngineError(f"engine option batching must be true or false, not {batching!r}")
         if llama_options.get("embedding"):
             # Decoder models report no pooling; one vector per input needs one (1 = mean).
             llama_options.setdefault("pooling_type", 1)
@@ -58,6 +65,7 @@ class LlamaCppEngine(Engine):
         self._idle = threading.Condition()
         self._closing = False
         self._version = ""
+        self._eog: Optional[tuple[int, ...]] = None
         self.metadata: dict[str, str] = {}
 
     @property
@@ -119,11 +127,8 @@ class LlamaCppEngine(Engine):
             vectors = [vectors]
         return [[float(x) for x in v] for v in vectors], int(tokens)
 
-    def reset_caches(self) -> None:
-        for llm in self._contexts:
-            llm.reset()
-
-    def load(self) -> None:
+    def _llama_cpp(self) -> Any:
+        """llama-cpp-python, imported when a pool loads (it is heavy), and the model file checked."""
         try:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - dependency of the package
@@ -131,6 +136,10 @@ class LlamaCppEngine(Engine):
         self._version = llama_cpp.__version__
         if not self.model_path.is_file():
             raise EngineError(f"model file {self.model_path} does not exist")
+        return llama_cpp
+
+    def load(self) -> None:
+        llama_cpp = self._llama_cpp()
         ctx = self.requested_ctx
         try:
             for _ in range(self.slots):
@@ -189,6 +198,13 @@ class LlamaCppEngine(Engine):
         if not (self.prefix_cache and params.reuse_prefix):
             llm.reset()  # otherwise llama-cpp-python evaluates only what follows the cached prefix
         finish = FinishReason.length
+        extra: dict[str, Any] = {}
+        if getattr(params, "repetition_penalty", None) is not None:
+            extra["repeat_penalty"] = float(params.repetition_penalty)
+        if getattr(params, "min_p", None) is not None:
+            extra["min_p"] = float(params.min_p)
+        if getattr(params, "ignore_eos", False):
+            extra["logit_bias"] = {token: float("-inf") for token in self._end_tokens(llm)}
         stream = llm.create_completion(
             prompt,
             max_tokens=params.max_tokens,
@@ -198,6 +214,7 @@ class LlamaCppEngine(Engine):
             seed=params.seed % SEED_MODULUS,
             stop=list(params.stop) or None,
             stream=True,
+            **extra,
         )
         try:
             for chunk in stream:
@@ -216,6 +233,15 @@ class LlamaCppEngine(Engine):
         finally:
             stream.close()
         return finish
+
+    def _end_tokens(self, llm: Any) -> tuple[int, ...]:
+        """The model's end-of-generation tokens (banned under ``ignore_eos``)."""
+        if self._eog is None:
+            import llama_cpp
+
+            vocab = llm._model.vocab
+            self._eog = tuple(t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+        return self._eog
 
     def close(self) -> None:
         """Free the model once no call is inside llama.cpp (running ones stop at their next

@@ -75,6 +75,7 @@ class VllmEngine(Engine):
         self._loop_thread: Optional[threading.Thread] = None
         self._llm = None
         self._tokenizer = None
+        self._end_ids: Optional[tuple[int, ...]] = None
         self._render_lock = threading.Lock()
         self._supported_tasks: tuple[str, ...] = ()
         self._version = ""
@@ -215,6 +216,10 @@ class VllmEngine(Engine):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        optional = {name: getattr(params, name) for name in ("repetition_penalty", "min_p")
+                    if getattr(params, name) is not None}  # None: vLLM's own default
+        if params.ignore_eos and self._end_tokens():
+            optional["logit_bias"] = {token: -100.0 for token in self._end_tokens()}
         return SamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -222,8 +227,21 @@ class VllmEngine(Engine):
             top_k=params.top_k,
             seed=params.seed % SEED_MODULUS,
             stop=list(params.stop) or None,
+            ignore_eos=params.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            **optional,
         )
+
+    def _end_tokens(self) -> tuple[int, ...]:
+        """The model's end-of-sequence tokens, banned under ``ignore_eos`` as llama.cpp bans
+        them: vLLM alone would go on past them, but each is an empty piece of text, so the
+        answer would hold fewer than max_tokens tokens."""
+        if self._end_ids is None and self._llm is not None:
+            ids = [getattr(self._tokenizer, "eos_token_id", None)]
+            configured = self._llm.model_config.try_get_generation_config().get("eos_token_id")
+            ids.extend(configured if isinstance(configured, list) else [configured])
+            self._end_ids = tuple(sorted({i for i in ids if isinstance(i, int)}))
+        return self._end_ids or ()
 
     def _prepare(self, prompt: str, params: GenerationParams):
         self._require_loaded()
@@ -352,10 +370,6 @@ class VllmEngine(Engine):
         weights = sum(path.stat().st_size for path in self.model_dir.glob("*")
                       if path.suffix in (".safetensors", ".bin", ".pt") and path.is_file())
         return weights + int(self.engine_options.get("kv_cache_memory_bytes") or 0)
-
-    def reset_caches(self) -> None:
-        if self._llm is not None:
-            self._call(self._llm.reset_prefix_cache(), timeout=CALL_TIMEOUT_S)
 
     # -- the engine's event loop -------------------------------------------------------------
     def _start_loop(self) -> None:

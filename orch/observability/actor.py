@@ -6,6 +6,7 @@ from typing import Any
 
 import ray
 
+from orch.actors import singleton
 from orch.observability.ingress_metrics import merge
 
 ACTOR_NAME = "orch-metrics"
@@ -24,6 +25,5 @@ class MetricsActor:
 
 
 def metrics_actor(namespace: str):
-    return MetricsActor.options(
-        name=ACTOR_NAME, namespace=namespace, lifetime="detached", get_if_exists=True, max_concurrency=100
-    ).remote()
+    """The totals actor, created on first use."""
+    return singleton(MetricsActor, ACTOR_NAME, namespace, on_head=False, max_concurrency=100)

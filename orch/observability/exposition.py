@@ -1,5 +1,5 @@
-"""Prometheus text for the whole orchestrator, built from pool snapshots and the ingress
-totals at scrape time (the ingress is the single scrape target)."""
+"""Prometheus text for the whole orchestrator, built at scrape time from the pools' views and
+details and the ingress totals (the ingress is the single scrape target)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, Iterable
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from orch.api.pools import PoolDetail, PoolView
 from orch.observability.names import METRICS
 
 HELP = {
@@ -51,34 +52,25 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], data: dict[str,
     family.add_metric(labels, cumulative, sum_value=data["sum"])
 
 
-def families(rows: dict[str, dict[str, Any]], ingress: dict[str, Any], catalog: dict[str, float]) -> list[Metric]:
+def families(views: dict[str, PoolView], details: dict[str, PoolDetail], ingress: dict[str, Any],
+             catalog: dict[str, float]) -> list[Metric]:
+    """Every series; a pool without a detail (it did not answer) has its gauges only."""
     out = {name: _family(name) for name in METRICS}
-    for pool_id, row in sorted(rows.items()):
-        base = [pool_id, row.get("engine", ""), row.get("engine_version", ""), str(row.get("replica_id", "0"))]
-        metrics = row.get("metrics", {})
-        for name, key in (("tasks_enqueued_total", "enqueued"), ("tasks_started_total", "started"),
-                          ("tasks_canceled_total", "canceled"), ("tasks_rejected_total", "rejected"),
-                          ("tasks_finished_total", "finished"), ("admission_backpressure_events_total", "backpressure")):
-            for label, value in sorted(metrics.get(key, {}).items()):
-                out[name].add_metric(base + [label], value)
-        tokens = metrics.get("tokens", {})
-        out["tokens_in_total"].add_metric(base, tokens.get("in", 0))
-        out["tokens_out_total"].add_metric(base, tokens.get("out", 0))
-        for priority, depth in sorted(row.get("queue_depth_by_priority", {}).items()):
-            out["queue_depth"].add_metric(base + [priority], depth)
-        slots = max(1, row.get("slots", 1))
-        out["slots_active"].add_metric(base, row.get("active_slots", 0))
-        out["slots_total"].add_metric(base, row.get("slots", 0))
-        out["kv_cache_usage_ratio"].add_metric(base, row.get("active_slots", 0) / slots)
-        device = row.get("device_mask") or "cpu"
-        out["gpu_utilization"].add_metric(base + [device], row.get("gpu_utilization", 0.0))
-        used = max(0, row.get("vram_total_bytes", 0) - row.get("vram_free_bytes", 0))
-        out["vram_used_bytes"].add_metric(base + [device], used)
-        state = "Ready" if row.get("ready") else ("Draining" if row.get("draining") else "Unready")
-        out["model_state"].add_metric([pool_id, row.get("model_ref", ""), state], 1)
-        for name, key in (("latency_first_token_ms", "first_token_ms"), ("latency_decode_ms", "decode_ms")):
-            for priority, data in sorted(metrics.get(key, {}).items()):
-                _histogram(out[name], base + [priority], data)
+    for pool_id, view in sorted(views.items()):
+        base = [pool_id, view.engine, view.engine_version, "0"]
+        detail = details.get(pool_id)
+        if detail is not None:
+            _pool_counters(out, base, detail)
+        slots = max(1, view.slots)
+        out["slots_active"].add_metric(base, view.active_slots)
+        out["slots_total"].add_metric(base, view.slots)
+        out["kv_cache_usage_ratio"].add_metric(base, view.active_slots / slots)
+        device = view.device_mask or "cpu"
+        out["gpu_utilization"].add_metric(base + [device], 0.0)
+        if view.vram_used_bytes is not None:  # unknown VRAM is left out, not reported as 0
+            out["vram_used_bytes"].add_metric(base + [device], view.vram_used_bytes)
+        state = "Ready" if view.ready else ("Draining" if view.draining else "Unready")
+        out["model_state"].add_metric([pool_id, view.model_ref, state], 1)
     for key, value in sorted((tuple(k), v) for k, v in ingress.get("decisions", [])):
         out["placement_decisions_total"].add_metric(list(key), value)
     if ingress.get("candidates"):
@@ -86,6 +78,23 @@ def families(rows: dict[str, dict[str, Any]], ingress: dict[str, Any], catalog: 
     for result, value in sorted(catalog.items()):
         out["catalog_verifications_total"].add_metric([result], value)
     return list(out.values())
+
+
+def _pool_counters(out: dict[str, Metric], base: list[str], detail: PoolDetail) -> None:
+    metrics = detail.metrics
+    for name, key in (("tasks_enqueued_total", "enqueued"), ("tasks_started_total", "started"),
+                      ("tasks_canceled_total", "canceled"), ("tasks_rejected_total", "rejected"),
+                      ("tasks_finished_total", "finished"), ("admission_backpressure_events_total", "backpressure")):
+        for label, value in sorted(metrics.get(key, {}).items()):
+            out[name].add_metric(base + [label], value)
+    tokens = metrics.get("tokens", {})
+    out["tokens_in_total"].add_metric(base, tokens.get("in", 0))
+    out["tokens_out_total"].add_metric(base, tokens.get("out", 0))
+    for priority, depth in sorted(detail.queue_depth_by_priority.items()):
+        out["queue_depth"].add_metric(base + [priority], depth)
+    for name, key in (("latency_first_token_ms", "first_token_ms"), ("latency_decode_ms", "decode_ms")):
+        for priority, data in sorted(metrics.get(key, {}).items()):
+            _histogram(out[name], base + [priority], data)
 
 
 class _Snapshot:
@@ -96,7 +105,8 @@ class _Snapshot:
         return self.metrics
 
 
-def render(rows: dict[str, dict[str, Any]], ingress: dict[str, Any], catalog: dict[str, float] | None = None) -> bytes:
+def render(views: dict[str, PoolView], details: dict[str, PoolDetail], ingress: dict[str, Any],
+           catalog: dict[str, float] | None = None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Snapshot(families(rows, ingress, catalog or {})))
+    registry.register(_Snapshot(families(views, details, ingress, catalog or {})))
     return generate_latest(registry)

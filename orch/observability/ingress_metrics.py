@@ -1,4 +1,5 @@
-"""Series the ingress itself produces (placement decisions), shared by every replica.
+"""Series the ingress itself produces (placement decisions, catalog verifications), shared
+by every replica.
 
 Each replica counts locally and flushes its deltas to the ``orch-metrics`` actor about once
 a second, off the request path; ``/metrics`` on any replica therefore reports the same
@@ -21,6 +22,7 @@ class IngressCounters:
         self._lock = threading.Lock()
         self._decisions: dict[tuple[str, str, str], int] = defaultdict(int)
         self._candidates = Histogram(CANDIDATE_BUCKETS)
+        self._verifications: dict[str, int] = defaultdict(int)
 
     def placed(self, decision: PlacementDecision) -> None:
         key = ("placed", str(decision.pinned).lower(), str(decision.fallback).lower())
@@ -32,15 +34,22 @@ class IngressCounters:
         with self._lock:
             self._decisions[(f"refused_{code.lower()}", str(pinned).lower(), "false")] += 1
 
+    def verified(self, result: str) -> None:
+        """One digest verification of a catalogued model: ``ok``, ``mismatch`` or ``missing``."""
+        with self._lock:
+            self._verifications[result] += 1
+
     def take_deltas(self) -> Optional[dict[str, Any]]:
         """What was counted since the last call, or None when nothing was."""
         with self._lock:
             decisions, self._decisions = dict(self._decisions), defaultdict(int)
+            verifications, self._verifications = dict(self._verifications), defaultdict(int)
         candidates = self._candidates.to_dict()
         self._candidates = Histogram(CANDIDATE_BUCKETS)
-        if not decisions and not sum(candidates["counts"]):
+        if not decisions and not verifications and not sum(candidates["counts"]):
             return None
-        return {"decisions": [[list(k), v] for k, v in decisions.items()], "candidates": candidates}
+        return {"decisions": [[list(k), v] for k, v in decisions.items()], "candidates": candidates,
+                "verifications": verifications}
 
 
 def merge(totals: dict[str, Any], deltas: dict[str, Any]) -> dict[str, Any]:
@@ -58,4 +67,8 @@ def merge(totals: dict[str, Any], deltas: dict[str, Any]) -> dict[str, Any]:
             "counts": [a + b for a, b in zip(candidates["counts"], extra["counts"])],
             "sum": candidates["sum"] + extra["sum"],
         }
-    return {"decisions": [[list(k), v] for k, v in decisions.items()], "candidates": candidates}
+    verifications = dict(totals.get("verifications", {}))
+    for result, value in deltas.get("verifications", {}).items():
+        verifications[result] = verifications.get(result, 0) + value
+    return {"decisions": [[list(k), v] for k, v in decisions.items()], "candidates": candidates,
+            "verifications": verifications}

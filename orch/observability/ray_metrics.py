@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable
 
+from orch.api.pools import PoolSnapshot
 from orch.observability.names import DECODE_BUCKETS_MS, FIRST_TOKEN_BUCKETS_MS
 
 EXPORT_EVERY_S = 5.0
@@ -18,7 +19,7 @@ TAGS = ("pool_id", "engine", "priority")
 
 
 class RayMetricsExporter:
-    def __init__(self, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], PoolSnapshot]) -> None:
         from ray.util import metrics
 
         self._snapshot = snapshot
@@ -44,16 +45,17 @@ class RayMetricsExporter:
     def export_once(self) -> None:
         snap = self._snapshot()
         self.exports += 1
-        pool = {"pool_id": snap["pool_id"], "engine": snap["engine"]}
-        metrics = snap.get("metrics", {})
+        view, detail = snap.view, snap.detail
+        pool = {"pool_id": view.pool_id, "engine": view.engine}
+        metrics = detail.metrics
         for name, key in (("tasks_enqueued_total", "enqueued"), ("tasks_started_total", "started"),
                           ("tasks_canceled_total", "canceled")):
             for priority, value in metrics.get(key, {}).items():
                 self._add(name, dict(pool, priority=priority), value)
         self._add("tokens_out_total", dict(pool, priority="all"), metrics.get("tokens", {}).get("out", 0))
-        for priority, depth in snap.get("queue_depth_by_priority", {}).items():
+        for priority, depth in detail.queue_depth_by_priority.items():
             self.queue_depth.set(depth, tags=dict(pool, priority=priority))
-        self.slots_active.set(snap.get("active_slots", 0), tags=pool)
+        self.slots_active.set(view.active_slots, tags=pool)
         for histogram, key in ((self.first_token, "first_token_ms"), (self.decode, "decode_ms")):
             for priority, data in metrics.get(key, {}).items():
                 self._observe_new(histogram, (key, priority), data, dict(pool, priority=priority))

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from orch.api.events import TERMINAL_EVENTS
+from orch.api.events import TERMINAL_EVENTS, FinishReason, SSEEnd
+from orch.api.pools import TaskContext
 
 Event = tuple[str, dict[str, Any]]
 
@@ -40,7 +41,7 @@ class TaskRecord:
     request: dict[str, Any] = field(default_factory=dict)
     #: What the ingress knew at admission (session kv_warmth, budgets left, prices), for
     #: the task's ``metrics`` frames; ids and numbers only.
-    context: dict[str, Any] = field(default_factory=dict)
+    context: TaskContext = field(default_factory=TaskContext)
     #: Called under the lock with (record, kind, data) for the terminal event; returns the
     #: data to append (the pool adds the transcript id there).
     finalizer: Optional[Callable[["TaskRecord", str, dict[str, Any]], dict[str, Any]]] = None
@@ -91,6 +92,7 @@ class TaskRecord:
         with self._lock:
             if self.cancelled or self.terminal:
                 return False
+            # SSEToken's payload as a plain dict: building the model costs ~3.4 us a token against ~0.1 us.
             schedule = self._append_locked("token", {"t": text, "i": self.tokens_out})
         if schedule:
             self._schedule_wake()
@@ -173,8 +175,9 @@ class TaskRecord:
                 waiter.set_result(None)
 
     # -- cancelling --------------------------------------------------------------------
-    def cut_and_end(self, end: dict[str, Any]) -> Optional[int]:
-        """Drop events no consumer has been handed, then append the terminal ``end``.
+    def cut_and_end(self, decode_time_ms: int) -> Optional[int]:
+        """Drop events no consumer has been handed, then append the terminal ``end``
+        (``finish_reason`` cancelled, counting the tokens that were handed out).
 
         Returns the cut point, the number of events consumers may still be writing, which
         cancel waits to see acknowledged; None when the task had already ended and every
@@ -192,13 +195,12 @@ class TaskRecord:
             transcript_id = self.events[-1][1].get("transcript_id") if already_over else None
             del self.events[cut:]
             self.tokens_out = sum(1 for kind, _ in self.events if kind == "token")
-            end = dict(end, tokens_out=self.tokens_out)
             if already_over:
                 self.ended_before_cancel = True
-                if transcript_id is not None:
-                    end["transcript_id"] = transcript_id
+            end = SSEEnd(tokens_out=self.tokens_out, decode_time_ms=decode_time_ms,
+                         finish_reason=FinishReason.cancelled, transcript_id=transcript_id)
             # Cut and end in one lock hold: nothing the engine pushes can land in between.
-            schedule = self._append_locked("end", end, finalize=not already_over)
+            schedule = self._append_locked("end", end.payload(), finalize=not already_over)
         if schedule:
             self._schedule_wake()
         return cut

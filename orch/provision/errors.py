@@ -31,6 +31,13 @@ class OutboundRefused(ProvisionError):
     code = ErrorCode.INVALID_PARAMS
 
 
+class LocalPathRefused(ProvisionError):
+    """A local path (a ``file:`` ref, a handoff's model or binary) outside
+    ``catalog.local_roots``; nothing is read or recorded."""
+
+    code = ErrorCode.FORBIDDEN
+
+
 class ProvisionUnsupported(ProvisionError):
     """The ref parses but this release cannot provision it."""
 

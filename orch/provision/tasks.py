@@ -16,7 +16,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orch.provision.errors import ProvisionError
-from orch.provision.models import ProvisionPlan, ProvisionSettings, digest_path, execute, remove_managed
+from orch.provision.files import digest_path, remove_managed
+from orch.provision.models import ProvisionPlan, ProvisionSettings, execute
 
 log = logging.getLogger("orch.provision")
 
@@ -110,7 +111,8 @@ def _verify_env(runtime_env: dict[str, Any], module: str) -> str:
 
 @ray.remote(max_retries=0)
 def _provision_engine(plan_dict: dict[str, Any], settings: Any, catalog: Any) -> dict[str, Any]:
-    from orch.provision.engines import EnginePlan, execute
+    from orch.provision.engine_run import execute
+    from orch.provision.engines import EnginePlan
 
     plan = EnginePlan.from_dict(plan_dict)
     record = execute(plan, settings, verify_env=_verify_env, node_id=current_node_id())

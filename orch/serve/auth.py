@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 from typing import Optional
@@ -17,12 +16,14 @@ from typing import Optional
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orch.api.errors import ErrorCode
+from orch.core.net import is_loopback
 from orch.observability.logs import bind
 
 log = logging.getLogger("orch.access")
 
-#: Paths a load balancer probes without credentials.
-OPEN_PATHS = frozenset({"/healthz"})
+#: Paths anyone may fetch: the probe a load balancer uses, and the status page with its
+#: redirect (static HTML holding no data; it asks for the token and sends it with each call).
+OPEN_PATHS = frozenset({"/healthz", "/ui", "/"})
 
 
 def token_identity(token: str) -> str:
@@ -31,13 +32,16 @@ def token_identity(token: str) -> str:
 
 def _client_is_loopback(scope: Scope) -> bool:
     client = scope.get("client")
-    if not client:
-        return False
-    host = client[0]
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    return bool(client) and is_loopback(str(client[0]))
+
+
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's route prefix (``root_path``), as routes declare it."""
+    path = scope.get("path", "")
+    root = scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
 
 
 def _bearer(scope: Scope) -> Optional[str]:
@@ -67,7 +71,7 @@ class AuthMiddleware:
         state = scope.setdefault("state", {})
         loopback = _client_is_loopback(scope)
         state["identity"] = None
-        if self._digest is None or (self.loopback_bypass and loopback) or scope.get("path") in OPEN_PATHS:
+        if self._digest is None or (self.loopback_bypass and loopback) or route_path(scope) in OPEN_PATHS:
             state["identity"] = "localhost" if loopback else "anonymous"
             await self.app(scope, receive, _logged(scope, send))
             return

@@ -15,17 +15,18 @@ from typing import Any
 import ray
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
 from orch.artifacts.actor import artifact_actor
 from orch.catalog.actor import catalog_actor
 from orch.config import ConfigError, OrchConfig, check_bind_auth, check_gpu_capacity, load_config, parse_config, to_wire
 from orch.observability.actor import metrics_actor
 from orch.observability.logs import configure_logging
-from orch.pools.actor import ensure_pools
+from orch.pools.supervisor import ensure_pools
 from orch.serve.app import build_app
 from orch.serve.registry import PoolRegistry
 from orch.serve.state import IngressState
-from orch.sessions.gate import SessionsGate
+from orch.serve.sessions_gate import SessionsGate
 
 log = logging.getLogger("orch.ingress")
 
@@ -98,9 +99,15 @@ def _proxy_host(configured: str) -> str:
 
 
 def build(args: dict[str, Any]) -> Application:
-    """Serve application builder: ``args.config`` is the orchestrator config file."""
-    unknown = set(args) - {"config"}
-    if unknown:
-        raise ConfigError(f"unknown application args: {', '.join(sorted(unknown))}; expected 'config'")
-    config = load_config(args.get("config", "configs/home.yaml"))
-    return build_application(config)
+    """Serve application builder: ``args.config`` is the orchestrator config file.
+
+    A bad config is raised as Serve's own RayServeException: Serve fails the build once with
+    its one-line message, where any other exception is retried three times, traceback each time.
+    """
+    try:
+        unknown = set(args) - {"config"}
+        if unknown:
+            raise ConfigError(f"unknown application args: {', '.join(sorted(unknown))}; expected 'config'")
+        return build_application(load_config(args.get("config", "configs/home.yaml")))
+    except ConfigError as exc:
+        raise RayServeException(f"bad orchestrator config: {exc}") from None

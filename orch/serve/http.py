@@ -58,20 +58,25 @@ def correlation_id(request: Request) -> str:
     return request.scope.get("state", {}).get("correlation_id", "")
 
 
+def backpressure(exc: OrchError) -> tuple[dict[str, Any], dict[str, str]]:
+    """What a refusal tells a client that should back off: the body fields a 429 always
+    carries (where the error gives none) and the Retry-After / X-Backoff-Ms headers."""
+    if exc.http_status == 429:
+        retry_ms = exc.retry_after_ms if exc.retry_after_ms is not None else 1000
+        fields = {"retriable": True, "retry_after_ms": retry_ms, "policy_label": "reject"}
+        return fields, {"Retry-After": str(max(1, math.ceil(retry_ms / 1000))), "X-Backoff-Ms": str(retry_ms)}
+    if exc.retry_after_ms is not None and exc.http_status == 503:
+        return {}, {"Retry-After": str(max(1, math.ceil(exc.retry_after_ms / 1000)))}
+    return {}, {}
+
+
 def error_response(exc: OrchError, request: Optional[Request] = None) -> JSONResponse:
     body = exc.to_dict()
     if request is not None:
         body["correlation_id"] = correlation_id(request)
-    headers = {}
-    if exc.http_status == 429:
-        retry_ms = exc.retry_after_ms if exc.retry_after_ms is not None else 1000
-        body.setdefault("retriable", True)
-        body.setdefault("retry_after_ms", retry_ms)
-        body.setdefault("policy_label", "reject")
-        headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
-        headers["X-Backoff-Ms"] = str(retry_ms)
-    elif exc.retry_after_ms is not None and exc.http_status == 503:
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_ms / 1000)))
+    fields, headers = backpressure(exc)
+    for key, value in fields.items():
+        body.setdefault(key, value)
     return JSONResponse(body, status_code=exc.http_status, headers=headers)
 
 

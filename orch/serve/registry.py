@@ -1,26 +1,28 @@
-"""The ingress's view of the pools: a cached snapshot and a task locator.
+"""The ingress's view of the pools: cached pool views and a task locator.
 
-Placement reads the snapshot, which is refreshed at most every ``ttl_s`` seconds (one call
-per pool per refresh, shared by every request in between), so a decision is made on data
-at most ``ttl_s`` old plus one refresh. Where a task lives is asked of the pools themselves
-when this replica did not admit it, so any ingress replica can stream or cancel any task.
+Placement reads the views (orch/api/pools.py ``PoolView``), refreshed at most every ``ttl_s``
+seconds (one call per pool per refresh, shared by every request in between), so a decision
+is made on data at most ``ttl_s`` old plus one refresh. A pool's detail (chat template,
+special tokens) is fetched again only when its view's ``model_version`` moved on; metrics are
+asked for when /metrics is scraped. Where a task lives is asked of the pools themselves when
+this replica did not admit it, so any ingress replica can stream or cancel any task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Any, Optional
 
 import ray
 
-from orch.api.errors import ErrorCode
+from orch.api.pools import PoolDetail, PoolView
 from orch.config import OrchConfig
-from orch.core.errors import OrchError
-from orch.core.placement import PoolView
-from orch.pools.actor import pool_handle
+from orch.pools.supervisor import ACTOR_NAME as SUPERVISOR_ACTOR
+from orch.serve.pool_client import PoolClient, PoolLost, PoolNotRunning
 
 log = logging.getLogger("orch.ingress")
 
@@ -31,24 +33,47 @@ LOCATOR_CAPACITY = 100_000
 
 
 class PoolRegistry:
-    def __init__(self, config: OrchConfig, handles: dict[str, Any], ttl_s: float) -> None:
+    def __init__(self, config: OrchConfig, handles: dict[str, Any], ttl_s: float, *,
+                 nudge_supervisor: bool = True) -> None:
+        """``handles``: pool actors already known (the rest are looked up by name).
+        ``nudge_supervisor=False`` for a registry over pools without Ray (benchmarks in
+        process): looking the supervisor up would start a Ray instance."""
         self.config = config
-        self.handles = dict(handles)
+        self.nudge_supervisor = nudge_supervisor
+        self.pools = PoolClient(config.namespace, handles)
         self.ttl_s = ttl_s
-        self._rows: dict[str, dict[str, Any]] = {}
-        self._taken_at = 0.0
+        self._rows: dict[str, PoolView] = {}
+        self._views: list[PoolView] = []
+        self._taken_at = -math.inf
         self._refreshing: Optional[asyncio.Task] = None
         self._locations: OrderedDict[str, str] = OrderedDict()
         self._nudged_at = 0.0
-        self._views: Optional[list[PoolView]] = None
+        #: Each pool's detail as of its view's ``model_version`` (chat template, special tokens).
+        self._model_details: dict[str, PoolDetail] = {}
         #: Each pool's last reported error, shown while its actor cannot be reached.
         self._causes: dict[str, str] = {}
 
     # -- snapshot ------------------------------------------------------------------------
-    async def rows(self) -> dict[str, dict[str, Any]]:
+    async def rows(self) -> dict[str, PoolView]:
+        """Every configured pool's view, by id, at most ``ttl_s`` old."""
         if time.monotonic() - self._taken_at > self.ttl_s:
             await self.refresh()
         return self._rows
+
+    async def views(self) -> list[PoolView]:
+        """The same views as a list (placement's input)."""
+        await self.rows()
+        return self._views
+
+    def model_detail(self, pool_id: str) -> Optional[PoolDetail]:
+        """The pool's detail as of its current model (None until it answered once)."""
+        return self._model_details.get(pool_id)
+
+    async def details(self) -> dict[str, PoolDetail]:
+        """Every reachable pool's detail, asked now (metrics, counters, binding)."""
+        pool_ids = [pool.id for pool in self.config.pools]
+        found = await asyncio.gather(*(self.pools.detail(pid) for pid in pool_ids), return_exceptions=True)
+        return {pid: detail for pid, detail in zip(pool_ids, found) if isinstance(detail, PoolDetail)}
 
     async def refresh(self, force: bool = False) -> None:
         """Single-flight: concurrent callers share one round of snapshot calls. ``force``
@@ -61,133 +86,89 @@ class PoolRegistry:
 
     async def _refresh(self) -> None:
         pool_ids = [pool.id for pool in self.config.pools]
-        results = await asyncio.gather(*(self._snapshot_of(pid) for pid in pool_ids), return_exceptions=True)
-        rows = {}
+        results = await asyncio.gather(*(self.pools.view(pid) for pid in pool_ids), return_exceptions=True)
+        rows: dict[str, PoolView] = {}
         for pool_id, result in zip(pool_ids, results):
             if isinstance(result, BaseException):
                 rows[pool_id] = self._unreachable_row(pool_id, result)
             else:
                 rows[pool_id] = result
-                if result.get("last_error"):
-                    self._causes[pool_id] = result["last_error"]
-        self._rows = rows
-        self._views = None
+                if result.last_error:
+                    self._causes[pool_id] = result.last_error
+        await self._follow_models(rows)
+        self._set_rows(rows)
         self._taken_at = time.monotonic()
         self._nudge_supervisor()
+
+    async def _follow_models(self, rows: dict[str, PoolView]) -> None:
+        """Fetch the detail of the pools whose model changed since it was last fetched (once
+        per load or swap, not per refresh)."""
+        stale = [pid for pid, row in rows.items() if row.live and (
+            pid not in self._model_details or self._model_details[pid].model_version != row.model_version)]
+        if not stale:
+            return
+        found = await asyncio.gather(*(self.pools.detail(pid) for pid in stale), return_exceptions=True)
+        for pool_id, detail in zip(stale, found):
+            if isinstance(detail, PoolDetail):
+                self._model_details[pool_id] = detail
+
+    def _set_rows(self, rows: dict[str, PoolView]) -> None:
+        self._rows = rows
+        self._views = list(rows.values())
 
     def _nudge_supervisor(self) -> None:
         """Keep the supervisor's loop running, even after Ray restarted the supervisor
         itself (its loop starts on request, not in its constructor)."""
         now = time.monotonic()
-        if now - self._nudged_at < SUPERVISOR_NUDGE_S:
+        if not self.nudge_supervisor or now - self._nudged_at < SUPERVISOR_NUDGE_S:
             return
         self._nudged_at = now
-        from orch.pools.supervisor import ACTOR_NAME
-
         namespace = self.config.namespace
 
         def nudge() -> None:
             try:
-                ray.get_actor(ACTOR_NAME, namespace=namespace).run.remote()
+                ray.get_actor(SUPERVISOR_ACTOR, namespace=namespace).run.remote()
             except Exception:  # not there (yet): the next ingress start creates it
                 pass
 
         asyncio.get_running_loop().run_in_executor(None, nudge)
 
-    async def _snapshot_of(self, pool_id: str) -> dict[str, Any]:
-        """The pool's snapshot; a cached handle to an actor that was replaced (the supervisor
-        restarted the pool) is looked up again by name once before the pool counts as lost."""
-        for attempt in range(2):
-            handle = self.handles.get(pool_id)
-            if handle is None:
-                handle = await asyncio.to_thread(pool_handle, pool_id, self.config.namespace)
-                self.handles[pool_id] = handle
-            try:
-                return await handle.snapshot.remote()
-            except ray.exceptions.RayActorError:
-                self.handles.pop(pool_id, None)
-                if attempt:
-                    raise
-        return {}  # not reached: the second attempt returns or raises
-
-    def _unreachable_row(self, pool_id: str, exc: BaseException) -> dict[str, Any]:
+    def _unreachable_row(self, pool_id: str, exc: BaseException) -> PoolView:
         pool = self.config.pool(pool_id)
-        return {
-            "pool_id": pool_id,
-            "replica_set": pool.replica_set or pool_id,
-            "engine": pool.engine.value,
-            "engine_version": "",
-            "model_ref": pool.model,
-            "model_aliases": tuple(pool.model_aliases),
-            "ready": False,
-            "draining": False,
-            "slots": pool.slots,
-            "active_slots": 0,
-            "queue_depth": 0,
-            "last_error": self._unreachable_cause(pool_id, exc),
-        }
+        return PoolView(
+            pool_id=pool_id,
+            replica_set=pool.replica_set or pool_id,
+            engine=pool.engine.value,
+            model_ref=pool.model,
+            model_aliases=tuple(pool.model_aliases),
+            ready=False,
+            slots=pool.slots,
+            vram_free_bytes=None,
+            vram_total_bytes=None,
+            live=False,
+            last_error=self._unreachable_cause(pool_id, exc),
+        )
 
     def _unreachable_cause(self, pool_id: str, exc: BaseException) -> str:
-        said = f"pool actor unreachable: {type(exc).__name__}"
-        if isinstance(exc, ValueError):  # no actor of that name (yet)
+        said = f"pool actor unreachable: {exc.cause if isinstance(exc, PoolLost) else type(exc).__name__}"
+        if isinstance(exc, PoolNotRunning):
             said = "pool actor not running (the supervisor starts or restarts it)"
         cause = self._causes.get(pool_id)
         return f"{said}; last error: {cause}" if cause else said
 
-    async def views(self) -> list[PoolView]:
-        """The snapshot as placement views, built once per refresh (or local admission)."""
-        rows = await self.rows()
-        if self._views is None:
-            self._views = self._build_views(rows)
-        return self._views
-
-    def _build_views(self, rows: dict[str, dict[str, Any]]) -> list[PoolView]:
-        return [
-            PoolView(
-                pool_id=row["pool_id"],
-                engine=row["engine"],
-                model_ref=row["model_ref"],
-                model_aliases=tuple(row.get("model_aliases", ())),
-                ready=row["ready"],
-                draining=row.get("draining", False),
-                vram_free_bytes=row.get("vram_free_bytes", 0),
-                vram_total_bytes=row.get("vram_total_bytes", 0),
-                slots=row.get("slots", 1),
-                active_slots=row.get("active_slots", 0),
-                queue_depth=row.get("queue_depth", 0),
-                device_mask=row.get("device_mask"),
-                workloads=tuple(row.get("workloads", ("completion",))),
-                replica_set=row.get("replica_set"),
-                engine_version=row.get("engine_version", ""),
-                service_ms=row.get("service_ms", 0.0),
-            )
-            for row in rows.values()
-        ]
-
     def handle(self, pool_id: str):
-        handle = self.handles.get(pool_id)
-        if handle is None:
-            try:
-                handle = pool_handle(pool_id, self.config.namespace)
-            except ValueError:
-                raise OrchError(ErrorCode.POOL_UNAVAILABLE,
-                                f"pool '{pool_id}' is being (re)started by its supervisor; retry shortly",
-                                retriable=True, retry_after_ms=1000, pool_id=pool_id) from None
-            self.handles[pool_id] = handle
-        return handle
+        return self.pools.handle(pool_id)
 
     def forget(self, pool_id: str) -> None:
         """Drop a handle that failed: the supervisor may have replaced the actor."""
-        self.handles.pop(pool_id, None)
+        self.pools.forget(pool_id)
 
     def note_admitted(self, pool_id: str) -> None:
         """Count a task this replica just queued into its cached row, so decisions made
         before the next refresh spread over equal pools instead of piling onto one."""
         row = self._rows.get(pool_id)
         if row is not None:
-            self._rows = dict(self._rows)
-            self._rows[pool_id] = dict(row, queue_depth=row.get("queue_depth", 0) + 1)
-            self._views = None
+            self._set_rows(dict(self._rows, **{pool_id: row.with_admitted()}))
 
     # -- task locator --------------------------------------------------------------------
     def remember(self, task_id: str, pool_id: str) -> None:
@@ -201,10 +182,8 @@ class PoolRegistry:
         if pool_id is not None:
             return pool_id
         pool_ids = [pool.id for pool in self.config.pools]
-        async def ask(pid: str):
-            return await self.handle(pid).has_task.remote(task_id)
-
-        answers = await asyncio.gather(*(ask(pid) for pid in pool_ids), return_exceptions=True)
+        answers = await asyncio.gather(*(self.pools.has_task(pid, task_id) for pid in pool_ids),
+                                       return_exceptions=True)
         for pid, answer in zip(pool_ids, answers):
             if answer is True:
                 self.remember(task_id, pid)

@@ -11,14 +11,15 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional, Protocol, Union
 
-import ray
-
 from orch.api.errors import ErrorCode
-from orch.api.tasks import EmbeddingRequest, PlacementMode, PlacementOverrides, TaskRequest
+from orch.api.events import SSEError
+from orch.api.pools import Admission, CancelResult, PollResult, PoolView, TaskContext, TaskEvent
+from orch.api.tasks import EmbeddingRequest, TaskRequest
 from orch.core.errors import OrchError
-from orch.core.placement import PlacementDecision, PoolView, place
+from orch.core.placement import PlacementDecision, place, preparing_pool
 from orch.observability.ingress_metrics import IngressCounters
 from orch.observability.logs import bind
+from orch.serve.pool_client import PoolClient, PoolLost, raised
 from orch.serve.registry import PoolRegistry
 
 log = logging.getLogger("orch.ingress")
@@ -38,9 +39,9 @@ class SessionTurn:
     budgets: Optional[dict[str, Any]] = None
     prices: Optional[dict[str, float]] = None
 
-    def context_on(self, pool_id: str) -> dict[str, Any]:
+    def context_on(self, pool_id: str) -> TaskContext:
         """What the pool shows in the task's metrics frames (ids and numbers only)."""
-        return {"kv_warmth": self.last_pool_id == pool_id, "budgets": self.budgets, "prices": self.prices}
+        return TaskContext(kv_warmth=self.last_pool_id == pool_id, budgets=self.budgets, prices=self.prices)
 
 
 class SessionGate(Protocol):
@@ -50,21 +51,8 @@ class SessionGate(Protocol):
         """Check the session's turns and budgets (raise OrchError BUDGET_EXCEEDED to
         refuse); returns where its last turn ran, for affinity, and its budgets left."""
 
-    async def after_admit(self, session_id: str, pool_id: str, decision: PlacementDecision) -> None:
+    async def after_admit(self, session_id: str, pool_id: str) -> None:
         """Record the turn and where it went."""
-
-
-class PreparationError(OrchError):
-    """POOL_UNREADY from a pool that waits for its model, with the plan that would make it
-    present (the error body's ``preparation``)."""
-
-    def __init__(self, error: OrchError, preparation: dict[str, Any]) -> None:
-        super().__init__(error.code, error.message, retriable=error.retriable, retry_after_ms=error.retry_after_ms,
-                         pool_id=error.pool_id, engine=error.engine, policy_label=error.policy_label)
-        self.preparation = preparation
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(super().to_dict(), preparation=self.preparation)
 
 
 @dataclass
@@ -72,7 +60,7 @@ class Admitted:
     task_id: str
     pool_id: str
     decision: PlacementDecision
-    result: dict[str, Any]
+    result: Admission
 
 
 class TaskService:
@@ -80,6 +68,7 @@ class TaskService:
         self, registry: PoolRegistry, sessions: Optional[SessionGate] = None, counters: Optional[IngressCounters] = None
     ) -> None:
         self.registry = registry
+        self.pools = registry.pools
         self.sessions = sessions
         self.counters = counters or IngressCounters()
 
@@ -87,57 +76,42 @@ class TaskService:
         """Budgets, placement and the pool's admission, in that order; raises OrchError."""
         task_id = task.task_id or uuid.uuid4().hex
         bind(task_id=task_id, session_id=task.session_id)
-        session_pool_id = None
         turn: Optional[SessionTurn] = None
         if task.session_id and self.sessions is not None:
             turn = await self.sessions.before_admit(task.session_id, task)
-            session_pool_id = turn.last_pool_id
-        views = await self.registry.views()
-        try:
-            decision = place(
-                views,
-                engine=task.engine.value if task.engine else None,
-                model_ref=task.model_ref,
-                overrides=task.placement,
-                session_pool_id=session_pool_id,
-                workload=task.workload.value,
-            )
-        except OrchError as exc:
-            waiting = _preparing_pool(views, await self.registry.rows(), task) \
-                if exc.code == ErrorCode.POOL_UNREADY else None
-            if waiting is None:
-                self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
-                raise
-            decision = waiting
+        decision = self._place(task, await self.registry.views(), turn.last_pool_id if turn else None)
         self.counters.placed(decision)
         log.info("placed on %s", decision.pool_id, extra={
             "pool_id": decision.pool_id, "session_id": task.session_id,
             "human": _placement_sentence(decision)})
         bind(pool_id=decision.pool_id)
+        context = turn.context_on(decision.pool_id) if turn is not None else None
         try:
-            context = turn.context_on(decision.pool_id) if turn is not None else None
-            result = await self.registry.handle(decision.pool_id).submit.remote(task, task_id, correlation_id, context)
-        except ray.exceptions.RayActorError:
+            admission = await self.pools.submit(decision.pool_id, task, task_id, correlation_id, context)
+        except PoolLost:
             self.registry.forget(decision.pool_id)
-            raise OrchError(
-                ErrorCode.POOL_UNAVAILABLE,
-                f"pool '{decision.pool_id}' is unreachable; retry shortly",
-                retriable=True,
-                retry_after_ms=1000,
-                pool_id=decision.pool_id,
-            ) from None
-        if "error" in result:
-            error = OrchError.from_dict(result["error"])
-            if result["error"].get("preparation") is not None:
-                raise PreparationError(error, result["error"]["preparation"])
-            raise error
+            raise
         self.registry.remember(task_id, decision.pool_id)
         self.registry.note_admitted(decision.pool_id)
-        log.info("admitted at position %d", result["queue_position"], extra={
-            "human": _admission_sentence(decision.pool_id, result)})
+        log.info("admitted at position %d", admission.queue_position, extra={
+            "human": _admission_sentence(decision.pool_id, admission)})
         if task.session_id and self.sessions is not None:
-            await self.sessions.after_admit(task.session_id, decision.pool_id, decision)
-        return Admitted(task_id, decision.pool_id, decision, result)
+            await self.sessions.after_admit(task.session_id, decision.pool_id)
+        return Admitted(task_id, decision.pool_id, decision, admission)
+
+    def _place(self, task: AnyTask, views: list[PoolView], session_pool_id: Optional[str]) -> PlacementDecision:
+        """A Ready pool, or else one preparing the task's model (it queues the task and answers
+        with its preparation plan); refusals are counted."""
+        wanted = dict(engine=task.engine.value if task.engine else None, model_ref=task.model_ref,
+                      overrides=task.placement, workload=task.workload.value)
+        try:
+            return place(views, session_pool_id=session_pool_id, **wanted)
+        except OrchError as exc:
+            waiting = preparing_pool(views, **wanted) if exc.code == ErrorCode.POOL_UNREADY else None
+            if waiting is None:
+                self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
+                raise
+            return waiting
 
     async def locate(self, task_id: str) -> str:
         pool_id = await self.registry.locate(task_id)
@@ -148,50 +122,19 @@ class TaskService:
     async def open_stream(self, task_id: str, cursor: int = 0) -> "TaskStream":
         """Attach to a task's events from ``cursor``; raises NOT_FOUND before any byte is sent."""
         pool_id = await self.locate(task_id)
-        stream = TaskStream(self.registry.handle(pool_id), task_id, pool_id, cursor)
+        stream = TaskStream(self.pools, task_id, pool_id, cursor)
         first = await stream.poll(0.0)
-        if "error" in first:
-            raise OrchError.from_dict(first["error"])
+        if first.error is not None:
+            raise raised(first.error)
         stream.first = first
         return stream
 
-    async def cancel(self, task_id: str) -> dict[str, Any]:
+    async def cancel(self, task_id: str) -> CancelResult:
         pool_id = await self.locate(task_id)
-        try:
-            result = await self.registry.handle(pool_id).cancel.remote(task_id)
-        except ray.exceptions.RayActorError:
-            raise OrchError(ErrorCode.WORKER_RESET, f"pool '{pool_id}' was lost; the task is gone",
-                            retriable=True, pool_id=pool_id) from None
-        if not result.get("found"):
+        result = await self.pools.cancel(pool_id, task_id)
+        if not result.found:
             raise OrchError(ErrorCode.NOT_FOUND, f"no task '{task_id}'")
         return result
-
-
-def _preparing_pool(views: list[PoolView], rows: dict[str, dict[str, Any]], task: AnyTask) -> Optional[PlacementDecision]:
-    """A pool that holds for the model this task asks for (waiting for it, or retired), when no
-    Ready pool can take it: placement never picks a pool that is not Ready, but such a pool
-    answers with its preparation plan, queuing the task while its model is fetched."""
-    overrides = task.placement or PlacementOverrides()
-    engine = task.engine.value if task.engine else None
-    pin = overrides.pin_pool_id if overrides.mode == PlacementMode.pin else None
-    found = []
-    for view in views:
-        row = rows.get(view.pool_id, {})
-        if not (row.get("waiting_for_model") or row.get("model_retired")) or view.draining:
-            continue
-        if (pin is not None and not view.named([pin])) or view.named(overrides.avoid_pools):
-            continue
-        if not view.serves(engine, task.model_ref, task.workload.value):
-            continue
-        if overrides.require_device_mask is not None and view.device_mask != overrides.require_device_mask:
-            continue
-        if overrides.prefer_pools and not overrides.allow_fallback and not view.named(overrides.prefer_pools):
-            continue
-        found.append(view)
-    if not found:
-        return None
-    chosen = min(found, key=lambda view: (view.queue_depth, view.pool_id))
-    return PlacementDecision(chosen.pool_id, pinned=pin is not None, candidates_considered=len(found))
 
 
 def _placement_sentence(decision: PlacementDecision) -> str:
@@ -207,53 +150,45 @@ def _placement_sentence(decision: PlacementDecision) -> str:
     return f"Placed on pool {decision.pool_id}, the least busy of {decision.candidates_considered} ready pools."
 
 
-def _admission_sentence(pool_id: str, result: dict[str, Any]) -> str:
-    position = result["queue_position"]
-    if position == 0 and result["predicted_start_ms"] == 0:
+def _admission_sentence(pool_id: str, admission: Admission) -> str:
+    position = admission.queue_position
+    if position == 0 and admission.predicted_start_ms == 0:
         return f"Accepted by pool {pool_id}; it starts right away."
     return (f"Accepted by pool {pool_id} with {position} task(s) ahead; "
-            f"expected to start in about {result['predicted_start_ms']} ms.")
+            f"expected to start in about {admission.predicted_start_ms} ms.")
 
 
 class TaskStream:
     """A task's events, relayed in batches: everything ready since the last hop, one call."""
 
-    def __init__(self, handle, task_id: str, pool_id: str, cursor: int) -> None:
-        self.handle = handle
+    def __init__(self, pools: PoolClient, task_id: str, pool_id: str, cursor: int) -> None:
+        self.pools = pools
         self.task_id = task_id
         self.pool_id = pool_id
         self.cursor = cursor
-        self.first: Optional[dict[str, Any]] = None
+        self.first: Optional[PollResult] = None
 
-    async def poll(self, wait_s: float) -> dict[str, Any]:
-        try:
-            return await self.handle.poll.remote(self.task_id, self.cursor, wait_s)
-        except ray.exceptions.RayActorError:
-            return {
-                "events": [(self.cursor, "error", {
-                    "code": ErrorCode.WORKER_RESET.value,
-                    "message": f"pool '{self.pool_id}' was lost while serving this task; resubmit it",
-                    "retriable": True,
-                    "pool_id": self.pool_id,
-                })],
-                "done": True,
-            }
+    async def poll(self, wait_s: float) -> PollResult:
+        return await self.pools.poll(self.pool_id, self.task_id, self.cursor, wait_s)
 
-    async def batches(self) -> AsyncIterator[list[tuple[int, str, dict[str, Any]]]]:
+    async def batches(self) -> AsyncIterator[list[TaskEvent]]:
         """Yields event batches; an empty batch means 'still running, nothing new' (keepalive)."""
         result = self.first if self.first is not None else await self.poll(0.0)
         first = True
         while True:
-            if "error" in result:  # the task expired between polls
-                yield [(self.cursor, "error", result["error"])]
+            if result.error is not None:  # the task expired between polls
+                error = result.error
+                yield [(self.cursor, "error", SSEError(
+                    code=error.code, message=error.message, retriable=error.retriable,
+                    retry_after_ms=error.retry_after_ms, engine=error.engine, pool_id=error.pool_id).payload())]
                 return
-            events = result["events"]
+            events = result.events
             if events:
                 self.cursor = events[-1][0] + 1
-                yield events
-            elif not result["done"] and not first:
+                yield list(events)
+            elif not result.done and not first:
                 yield []
-            if result["done"]:
+            if result.done:
                 return
             first = False
             result = await self.poll(POLL_WAIT_S)

@@ -1,4 +1,5 @@
-"""Server-Sent Events framing: one frame per event, its index as the ``id``."""
+"""Server-Sent Events framing: the v2 streams' frames (one per event, its index as the
+``id``) and the OpenAI streams' bare ``data:`` lines."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 from typing import Any, Iterable
 
 KEEPALIVE = ": keepalive\n\n"
+#: The last line of an OpenAI stream.
+DONE = "data: [DONE]\n\n"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -15,3 +18,8 @@ def frame(index: int, kind: str, data: dict[str, Any]) -> str:
 
 def frames(events: Iterable[tuple[int, str, dict[str, Any]]]) -> str:
     return "".join(frame(index, kind, data) for index, kind, data in events)
+
+
+def data(text: str) -> str:
+    """One ``data:`` line holding ``text`` (JSON already)."""
+    return f"data: {text}\n\n"

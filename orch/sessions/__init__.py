@@ -1,2 +1,2 @@
-"""Sessions shared by every ingress replica: the ``orch-sessions`` actor and the gate the
-ingress admits tasks through (the logic itself is ``orch.core.sessions``)."""
+"""Sessions shared by every ingress replica: the ``orch-sessions`` actor (the logic itself
+is ``orch.core.sessions``; the ingress's side is ``orch.serve.sessions_gate``)."""

@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import ray
 
-from orch.core.errors import OrchError
-from orch.core.sessions import SessionBook, SessionPolicy
+from orch.actors import find_actor, singleton
+from orch.core.sessions import SessionBook, SessionPolicy, TurnCheck
 
 ACTOR_NAME = "orch-sessions"
 
@@ -27,14 +27,9 @@ class SessionsActor:
     async def configure(self, policy: SessionPolicy) -> None:
         self.book.configure(policy)
 
-    async def check(self, session_id: str, max_tokens: int, deadline_ms: Optional[int]) -> dict[str, Any]:
-        """``{"last_pool_id", "budgets"}`` (budgets left, None without budgets), or
-        ``{"error": envelope}`` when the turn is refused."""
-        try:
-            last_pool_id = self.book.check(session_id, max_tokens=max_tokens, deadline_ms=deadline_ms)
-            return {"last_pool_id": last_pool_id, "budgets": self.book.budgets_left(session_id)}
-        except OrchError as exc:
-            return {"error": exc.to_dict()}
+    async def check(self, session_id: str, max_tokens: int, deadline_ms: Optional[int]) -> TurnCheck:
+        """The turn's context, or its refusal (the ingress answers with it)."""
+        return self.book.check_turn(session_id, max_tokens=max_tokens, deadline_ms=deadline_ms)
 
     async def record_turn(self, session_id: str, pool_id: str) -> None:
         self.book.record_turn(session_id, pool_id)
@@ -56,29 +51,10 @@ class SessionsActor:
 def sessions_actor(namespace: str, policy: SessionPolicy):
     """The orchestrator's sessions actor, created with ``policy`` on first use (an existing
     one keeps its own until ``configure`` is called)."""
-    return SessionsActor.options(
-        name=ACTOR_NAME,
-        namespace=namespace,
-        lifetime="detached",
-        get_if_exists=True,
-        resources=_head_node_resource(),
-        max_concurrency=1000,
-    ).remote(policy)
+    return singleton(SessionsActor, ACTOR_NAME, namespace, policy, max_concurrency=1000)
 
 
 def find_sessions_actor(namespace: str):
     """The sessions actor if it exists, else None: a task can only belong to a live
     session after an ingress created the actor, so finding none means nothing to record."""
-    try:
-        return ray.get_actor(ACTOR_NAME, namespace=namespace)
-    except ValueError:
-        return None
-
-
-def _head_node_resource() -> dict[str, float]:
-    try:
-        if "node:__internal_head__" in ray.cluster_resources():
-            return {"node:__internal_head__": 0.001}
-    except Exception:  # not connected yet: let Ray place it
-        pass
-    return {}
+    return find_actor(ACTOR_NAME, namespace)

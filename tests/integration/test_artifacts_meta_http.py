@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -13,13 +14,15 @@ from tests.conftest import home_config, read_sse
 pytestmark = pytest.mark.integration
 
 SECRET_PROMPT = "Once upon a time the quartermaster hid the zebra-ledger"
+#: The app's name, which ``deploy`` also makes its Ray namespace.
+NAMESPACE = "orch-artifacts-it"
 
 
 @pytest.fixture(scope="module")
 def client(deploy, tmp_path_factory) -> httpx.Client:
     config = home_config()
     config["artifacts"] = {"root": str(tmp_path_factory.mktemp("artifacts"))}
-    return deploy(config, name="orch-artifacts-it", route_prefix="/art")
+    return deploy(config, name=NAMESPACE, route_prefix="/art")
 
 
 def run_task(client: httpx.Client, **body) -> list[tuple[int, str, dict]]:
@@ -97,6 +100,34 @@ def test_artifact_ids_are_checked(client):
     assert traversal.status_code in (400, 404) and traversal.json()["code"] in ("INVALID_PARAMS", "NOT_FOUND")
     missing = client.get("/v2/artifacts/sha256:" + "0" * 64)
     assert missing.status_code == 404 and missing.json()["code"] == "NOT_FOUND"
+
+
+def test_a_lost_artifact_store_is_found_again_by_name(client):
+    """The ingress looks the store up by name once more (created again over the same
+    directory) instead of answering 503 until it is redeployed."""
+    import ray
+
+    from orch.artifacts.actor import ACTOR_NAME
+
+    stored = client.post("/v2/artifacts", json={"kind": "plan", "content": {"kept": "on disk"}})
+    assert stored.status_code in (200, 201), stored.text
+    handle = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    killed = handle._actor_id
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the name no longer belongs to the killed actor
+        try:
+            if ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)._actor_id != killed:
+                break
+        except ValueError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the artifact actor did not go away")
+    again = client.get(f"/v2/artifacts/{stored.json()['id']}")
+    assert again.status_code == 200, again.text
+    assert again.json()["content"] == {"kept": "on disk"}
+    assert client.post("/v2/artifacts", json={"kind": "plan", "content": "new"}).status_code in (200, 201)
 
 
 def test_capabilities_and_version(client):

@@ -127,6 +127,7 @@ def app(deploy, tmp_path_factory, tls, models):
         "catalog": {
             "root": str(runtime / "catalog"), "model_cache": str(runtime / "models"),
             "engine_cache": str(runtime / "engine-cache"), "handoff_dir": str(runtime / "engines"),
+            "local_roots": [str(tmp_path_factory.getbasetemp())],  # handed-off models, local engine sources
             "outbound": {"allowed_hosts": ["127.0.0.1"], "allowed_schemes": ["https", "http"],
                          "ca_bundle": str(tls[0]), "timeout_s": 10},
         },

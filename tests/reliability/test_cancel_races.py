@@ -90,10 +90,10 @@ class Harness:
         for _ in range(100_000):
             began_after_cancel = cancel_returned.is_set()
             result = await self.manager.poll(task_id, cursor, 0.2)
-            if "error" in result:
-                self.violations.append(f"{task_id}: poll failed: {result['error']}")
+            if result.error is not None:
+                self.violations.append(f"{task_id}: poll failed: {result.error}")
                 return
-            events = result["events"]
+            events = result.events
             if pace_s:
                 await asyncio.sleep(pace_s)
             tokens = sum(1 for _, kind, _ in events if kind == "token")
@@ -104,7 +104,7 @@ class Harness:
             stream.events.extend(events)
             if events:
                 cursor = events[-1][0] + 1
-            if result["done"]:
+            if result.done:
                 stream.done = True
                 return
         self.violations.append(f"{task_id}: stream did not end")
@@ -220,7 +220,7 @@ async def stress(cancels: int, seed: int, concurrency: int = 32) -> dict[str, An
         nonlocal refused, done
         task_id = f"s{index}"
         answer = await manager.submit(task(rng.randint(1, 40)), task_id)
-        if "error" in answer:
+        if answer.error is not None:
             refused += 1
             await asyncio.sleep(0.002)
             return
@@ -243,7 +243,7 @@ async def stress(cancels: int, seed: int, concurrency: int = 32) -> dict[str, An
         if consumer is None:
             consumer = asyncio.create_task(harness.consume(task_id, stream, cancel_returned, pace))
         await asyncio.wait_for(consumer, 10)
-        harness.check_stream(task_id, stream, result)
+        harness.check_stream(task_id, stream, result.to_dict())
 
     async def lane() -> None:
         while done < cancels:
@@ -311,8 +311,8 @@ def test_any_mix_of_tasks_and_cancels_keeps_the_pool_consistent(plans, slots, ca
             elif plan["fault"] == "error_at_start":
                 prompt += " @fault=error"
             answer = await manager.submit(task(plan["max_tokens"], plan["priority"], prompt), task_id)
-            if "error" in answer:
-                assert answer["error"]["code"] == "ADMISSION_REJECT", answer
+            if answer.error is not None:
+                assert answer.error.code == "ADMISSION_REJECT", answer
                 return
             admitted.add(task_id)
             stream, cancel_returned = Stream(), asyncio.Event()
@@ -328,7 +328,7 @@ def test_any_mix_of_tasks_and_cancels_keeps_the_pool_consistent(plans, slots, ca
             if consumer is None:
                 consumer = asyncio.create_task(harness.consume(task_id, stream, cancel_returned, 0.0))
             await asyncio.wait_for(consumer, 10)
-            harness.check_stream(task_id, stream, result)
+            harness.check_stream(task_id, stream, result.to_dict() if result is not None else None)
 
         await asyncio.gather(*(run(index, plan) for index, plan in enumerate(plans)))
         await harness.settle()
@@ -481,7 +481,7 @@ def test_a_token_racing_the_cut_cannot_follow_the_cancel():
         engine.start()
         if not engine_checked.wait(1):  # the token is checked and appended in one step: no window
             engine.join(5)
-        cut = record.cut_and_end({"finish_reason": "cancelled"})
+        cut = record.cut_and_end(decode_time_ms=0)
         consumer = asyncio.create_task(record.poll(len(handed), 1.0))  # acknowledges the first batch
         assert await record.wait_acknowledged(cut, 2.0)
         engine.join(5)

@@ -229,11 +229,12 @@ EXPECTED_CODES = {
     "BUDGET_EXCEEDED",
     "NOT_FOUND",
     "UNAUTHORIZED",
+    "FORBIDDEN",
 }
 
 
-def test_error_codes_are_exactly_the_twelve():
-    assert len(ErrorCode) == 12
+def test_error_codes_are_exactly_the_thirteen():
+    assert len(ErrorCode) == 13
     assert {c.value for c in ErrorCode} == EXPECTED_CODES
     assert {c.name for c in ErrorCode} == EXPECTED_CODES
     assert set(HTTP_STATUS) == set(ErrorCode)
@@ -254,6 +255,7 @@ def test_error_codes_are_exactly_the_twelve():
         ("BUDGET_EXCEEDED", 429),
         ("NOT_FOUND", 404),
         ("UNAUTHORIZED", 401),
+        ("FORBIDDEN", 403),
     ],
 )
 def test_http_status(code, status):

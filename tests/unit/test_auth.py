@@ -120,3 +120,26 @@ def test_cors_is_for_local_origins_only():
     data["server"] = {"cors_origins": ["https://evil.example"]}
     with pytest.raises(ConfigError, match="not a localhost origin"):
         parse_config(data)
+
+
+def test_the_status_page_is_open_but_its_data_is_not():
+    """The page's HTML holds no data, so it loads without the token (and under a route
+    prefix); what it fetches still needs the token."""
+
+    async def page(request):
+        return JSONResponse({"page": True})
+
+    routes = [Route("/ui", page), Route("/", page), Route("/v2/tasks", page), Route("/uix", page)]
+    app = Starlette(routes=routes, middleware=[Middleware(AuthMiddleware, token=TOKEN, loopback_bypass=False)])
+    for path in ("/ui", "/"):
+        assert call(app, path, "10.1.2.3").status_code == 200, path
+    for path in ("/v2/tasks", "/uix"):
+        assert call(app, path, "10.1.2.3").status_code == 401, path
+
+    async def prefixed(path: str):
+        transport = httpx.ASGITransport(app=app, client=("10.1.2.3", 5555), root_path="/orch")
+        async with httpx.AsyncClient(transport=transport, base_url="http://orch") as client:
+            return await client.get(path)
+
+    assert asyncio.run(prefixed("/orch/ui")).status_code == 200
+    assert asyncio.run(prefixed("/orch/v2/tasks")).status_code == 401

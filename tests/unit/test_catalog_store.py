@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from orch.api.catalog import SCHEMA_VERSION
-from orch.catalog import store as store_module
 from orch.catalog.store import (
     INDEX_FILE,
     MARKER_FILE,
@@ -24,6 +23,7 @@ from orch.catalog.store import (
     exists,
     locate,
 )
+from orch.core import files as files_module
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -120,7 +120,7 @@ def test_a_crash_between_write_and_rename_keeps_the_old_record(tmp_path, monkeyp
     def crash(*args, **kwargs):
         raise OSError("power lost before the rename")
 
-    monkeypatch.setattr(store_module.os, "replace", crash)
+    monkeypatch.setattr(files_module.os, "replace", crash)
     with pytest.raises(OSError, match="power lost"):
         store.put(record(size_bytes=2))
     monkeypatch.undo()
@@ -131,7 +131,7 @@ def test_a_crash_between_write_and_rename_keeps_the_old_record(tmp_path, monkeyp
 
 def test_a_new_record_that_crashes_before_rename_does_not_exist(tmp_path, monkeypatch):
     store = CatalogStore(tmp_path)
-    monkeypatch.setattr(store_module.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr(files_module.os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError):
         store.put(record("fresh"))
     monkeypatch.undo()
@@ -233,7 +233,7 @@ def test_read_only_helpers_never_create_a_catalog(tmp_path):
 
 
 def test_store_is_pure_python():
-    code = ("import sys\nimport orch.catalog.store, orch.catalog.gguf, orch.provision.models, orch.provision.policy\n"
+    code = ("import sys\nimport orch.catalog.store, orch.provision.gguf, orch.provision.models, orch.provision.policy\n"
             "import orch.core.model_ref, orch.api.catalog\nprint('ray' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

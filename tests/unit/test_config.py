@@ -306,3 +306,36 @@ def test_orch_home_is_searched(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     monkeypatch.setenv("ORCH_HOME", str(home))
     assert load_config("mine.yaml").pools[0].id == "default"
+
+
+def test_allowed_hosts_take_names_addresses_and_cidrs():
+    base = {"pools": [{"id": "a", "engine": "mock", "model": "m", "num_gpus": 0, "allow_cpu": True}]}
+    hosts = ["Mirror.Internal", "*.hf.co", "10.0.0.0/8", "fd00::/8", "192.168.1.7", "::1"]
+    parsed = parse_config(dict(base, catalog={"outbound": {"allowed_hosts": hosts}}))
+    assert parsed.catalog.outbound.allowed_hosts == [h.lower() for h in hosts]
+    for bad in ("https://mirror", "mirror:8080", "10.0.0.0/33", "mirror/path"):
+        with pytest.raises(ConfigError, match=r"catalog\.outbound\.allowed_hosts"):
+            parse_config(dict(base, catalog={"outbound": {"allowed_hosts": [bad]}}))
+
+
+def test_a_bad_config_fails_the_serve_build_once_with_its_message(tmp_path):
+    """Serve retries a failing application builder three times, traceback each time, unless
+    it raises RayServeException: then the build fails once with that message."""
+    import inspect
+
+    from ray.serve._private.application_state import build_serve_application
+    from ray.serve.exceptions import RayServeException
+
+    from orch.serve.deployment import build
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools:\n  - {id: a, engine: mock, model: m, num_gpus: 0, allow_cpu: true, colour: red}\n")
+    with pytest.raises(RayServeException, match=r"^bad orchestrator config: \S*bad.yaml: pools\[0\]\.colour: unknown key$"):
+        build({"config": str(bad)})
+    with pytest.raises(RayServeException, match="unknown application args"):
+        build({"config": str(bad), "colour": "red"})
+    # The Serve behaviour this relies on: its build task returns a RayServeException's message
+    # as the failure instead of raising (and so being retried).
+    source = inspect.getsource(build_serve_application.__wrapped__ if hasattr(build_serve_application, "__wrapped__")
+                               else build_serve_application._function)
+    assert "except RayServeException as e:\n        return None, None, str(e)" in source

@@ -17,7 +17,8 @@ import pytest
 from pydantic import ValidationError
 
 from orch.api.catalog import EngineSpec, HandoffRecord
-from orch.provision.engines import EngineSettings, describe_missing, execute, plan, preflight
+from orch.provision.engine_run import execute
+from orch.provision.engines import EngineSettings, describe_missing, plan, preflight
 from orch.provision.errors import DigestMismatch, EngineUnreachable, OutboundRefused, ToolMissing
 from orch.provision.models import ProvisionSettings
 from tests.loopback_servers import FileServer, sha256_digest
@@ -33,14 +34,17 @@ set_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_B
 SERVER_CPP = '#include <cstdio>\nint main() { std::puts("version: 1 (stand-in build)"); return 0; }\n'
 
 
-def settings_for(cache: Path, allowed_hosts: tuple[str, ...] = ()) -> EngineSettings:
-    fetch_settings = ProvisionSettings(model_cache=str(cache), allowed_hosts=allowed_hosts, timeout_s=10)
+def settings_for(cache: Path, allowed_hosts: tuple[str, ...] = (), local_roots: tuple[str, ...] = ()) -> EngineSettings:
+    fetch_settings = ProvisionSettings(model_cache=str(cache), allowed_hosts=allowed_hosts, timeout_s=10,
+                                       local_roots=local_roots)
     return EngineSettings(engine_cache=str(cache), fetch=fetch_settings, build_jobs=2, step_timeout_s=300)
 
 
 @pytest.fixture()
 def settings(tmp_path) -> EngineSettings:
-    return settings_for(tmp_path / "engines")
+    """Downloads from the loopback test server (named: loopback is refused by default); local
+    sources under ``tmp_path``."""
+    return settings_for(tmp_path / "engines", ("127.0.0.0/8",), (str(tmp_path),))
 
 
 @pytest.fixture(scope="module")

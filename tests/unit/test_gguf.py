@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orch.catalog.gguf import GGUFError, is_gguf, read_gguf
+from orch.provision.gguf import GGUFError, is_gguf, read_gguf
 from tests.gguf_writer import gguf_bytes, tiny_gguf
 
 

@@ -23,7 +23,7 @@ def test_declared_vram_less_the_model_and_nothing_on_cpu():
     assert memory.read(model_bytes=5 * GiB) == (48 * GiB, 43 * GiB)
     assert GpuMemory(0.5, declared_per_gpu=24 * GiB).read(GiB) == (24 * GiB, 23 * GiB)  # a share of one GPU
     assert GpuMemory(0, declared_per_gpu=24 * GiB).read(GiB) == (0, 0)
-    assert GpuMemory(1).read(GiB) == (0, 0)  # unknown: placement sees no free VRAM
+    assert GpuMemory(1).read(GiB) == (None, None)  # unknown, not "no free VRAM"
     assert available_memory(2, 24 * GiB) == (48 * GiB, "the pool's GPU memory (as configured)")
     assert available_memory(1) == (None, "the pool's GPU memory")
 
@@ -59,7 +59,18 @@ def test_the_snapshot_reports_vram_and_an_oversized_model_fails_fast():
         return snap, refused
 
     snap, refused = asyncio.run(scenario())
-    assert snap["ready"] and snap["device_mask"] == "3"
-    assert snap["vram_total_bytes"] == 24 * GiB and snap["vram_free_bytes"] == 18 * GiB
-    assert not refused["ready"]
-    assert "needs about 6.00 GiB but the pool's GPU memory (as configured) has 4.00 GiB" in refused["last_error"]
+    assert snap.ready and snap.device_mask == "3"
+    assert snap.vram_total_bytes == 24 * GiB and snap.vram_free_bytes == 18 * GiB
+    assert not refused.ready
+    assert "needs about 6.00 GiB but the pool's GPU memory (as configured) has 4.00 GiB" in refused.last_error
+
+
+def test_a_failed_probe_reports_unknown_not_zero():
+    manager = PoolManager(pool(gpu_memory_bytes=24 * GiB))
+
+    def broken(model_bytes):
+        raise OSError("NVML went away")
+
+    manager.gpu_memory.read = broken
+    snap = manager.snapshot()
+    assert snap.vram_total_bytes is None and snap.vram_free_bytes is None

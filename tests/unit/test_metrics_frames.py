@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from orch.api.events import SSEMetrics
+from orch.api.pools import TaskContext
 from orch.api.tasks import TaskRequest
 from orch.config import PoolConfig
-from orch.pools import manager as manager_module
+from orch.pools import watchdog as watchdog_module
 from orch.pools.manager import PoolManager
 from tests.conftest import manager_events, mock_pool_config
 
@@ -74,14 +75,14 @@ def test_on_time_probability_reflects_the_deadline_once_the_pool_has_measured():
 
 
 def test_a_queued_task_hears_its_position_and_session_budgets_shrink(monkeypatch):
-    monkeypatch.setattr(manager_module, "QUEUED_METRICS_EVERY_S", 0.3)
+    monkeypatch.setattr(watchdog_module, "QUEUED_METRICS_EVERY_S", 0.3)
 
     async def scenario():
         manager = PoolManager(mock_pool(queue={"capacity": 4}))
         await manager.start()
         await manager.submit(TaskRequest(prompt="blocker", max_tokens=60, seed=1), "blocker")  # about 1.2 s
-        context = {"kv_warmth": True, "budgets": {"tokens": 500, "time_ms": None, "cost": 1.0},
-                   "prices": {"in": 0.0, "out": 2.0}}
+        context = TaskContext(kv_warmth=True, budgets={"tokens": 500, "time_ms": None, "cost": 1.0},
+                              prices={"in": 0.0, "out": 2.0})
         await manager.submit(TaskRequest(prompt="waiting", max_tokens=80, seed=2, session_id="s1"), "queued",
                              context=context)
         events = await events_of(manager, "queued")

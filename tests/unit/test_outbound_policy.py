@@ -11,7 +11,8 @@ import pytest
 from orch.config import ConfigError, parse_config
 from orch.core.model_ref import parse_ref
 from orch.provision.errors import FetchFailed, OutboundRefused, ProvisionUnsupported
-from orch.provision.models import ProvisionSettings, download, plan
+from orch.provision.fetch_url import download
+from orch.provision.models import ProvisionSettings, plan
 from orch.provision.policy import check_ref, check_url, host_allowed
 from tests.loopback_servers import FileServer
 
@@ -22,10 +23,12 @@ def policy(**kwargs) -> ProvisionSettings:
     return ProvisionSettings(model_cache="/tmp/unused-cache", **kwargs)
 
 
-def test_defaults_allow_https_and_hf_anywhere():
+def test_defaults_allow_public_https_and_hf_and_refuse_loopback():
     check_ref(parse_ref("https://example.com/m.gguf"), policy(), HF)
     check_ref(parse_ref("hf:org/repo"), policy(), HF)
-    check_ref(parse_ref("http://127.0.0.1:8/m.gguf"), policy(), HF)
+    with pytest.raises(OutboundRefused, match="loopback address"):
+        check_ref(parse_ref("http://127.0.0.1:8/m.gguf"), policy(), HF)
+    check_ref(parse_ref("http://127.0.0.1:8/m.gguf"), policy(allowed_hosts=("127.0.0.1",)), HF)
 
 
 def test_local_refs_never_need_the_network():
@@ -83,8 +86,9 @@ def test_host_matching(host, allowed, expected):
 
 
 def test_plain_http_only_to_loopback_and_never_as_a_downgrade():
-    check_url("http://127.0.0.1:9/x", policy())
-    check_url("http://[::1]:9/x", policy())
+    loopback = policy(allowed_hosts=("127.0.0.0/8", "::1"))
+    check_url("http://127.0.0.1:9/x", loopback)
+    check_url("http://[::1]:9/x", loopback)
     with pytest.raises(OutboundRefused, match="loopback"):
         check_url("http://example.com/x", policy())
     with pytest.raises(OutboundRefused, match="downgrades"):
@@ -141,7 +145,7 @@ def test_a_silent_server_times_out_instead_of_hanging(tmp_path):
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        settings = ProvisionSettings(model_cache=str(tmp_path), timeout_s=0.5)
+        settings = ProvisionSettings(model_cache=str(tmp_path), timeout_s=0.5, allowed_hosts=("127.0.0.1",))
         started = time.monotonic()
         with pytest.raises(FetchFailed, match="timed out"):
             download(f"http://127.0.0.1:{listener.getsockname()[1]}/m.gguf", tmp_path / "url" / "m.gguf", settings)

@@ -31,10 +31,10 @@ async def events_of(manager: PoolManager, task_id: str) -> list[tuple[int, str, 
     events, cursor = [], 0
     for _ in range(2000):
         result = await manager.poll(task_id, cursor, 5.0)
-        events.extend(result["events"])
-        if result["events"]:
-            cursor = result["events"][-1][0] + 1
-        if result["done"]:
+        events.extend(result.events)
+        if result.events:
+            cursor = result.events[-1][0] + 1
+        if result.done:
             return events
     raise AssertionError("stream did not end")
 
@@ -92,9 +92,9 @@ def test_drain_refuses_new_work_and_finishes_queued_work():
 
     drained, refused, results, snapshot = run(scenario)
     assert drained["draining"] and drained["queued"] == 1
-    assert refused["error"]["code"] == "POOL_UNREADY" and "draining" in refused["error"]["message"]
+    assert refused.error.code == "POOL_UNREADY" and "draining" in refused.error.message
     assert all(events[-1][1] == "end" for events in results)
-    assert snapshot["drained"] is True
+    assert snapshot.drained is True
 
 
 def test_drain_deadline_ends_leftovers_with_retriable_errors():
@@ -157,7 +157,7 @@ def test_reload_waits_for_running_tasks_and_keeps_queued_ones():
         return result, admitted, running, during
 
     result, admitted, running, during = run(scenario)
-    assert result["reloaded"] is True and "error" not in admitted
+    assert result["reloaded"] is True and admitted.error is None
     assert running[-1][1] == "end" and running[-1][2]["tokens_out"] == 30
     assert during[-1][1] == "end"
 
@@ -196,9 +196,9 @@ def test_embeddings_go_through_the_queue_and_end_with_vectors():
         return admitted, events, refused, manager.workloads(), plain.workloads()
 
     admitted, events, refused, workloads, plain_workloads = run(scenario)
-    assert admitted["prompt_tokens"] == 5
+    assert admitted.admission.prompt_tokens == 5
     end = events[-1][2]
     assert events[-1][1] == "end" and len(end["embeddings"]) == 2 and len(end["embeddings"][0]) == 8
     assert end["embeddings"][0] != end["embeddings"][1]
-    assert refused["error"]["code"] == "INVALID_PARAMS" and "embeddings" in refused["error"]["message"]
+    assert refused.error.code == "INVALID_PARAMS" and "embeddings" in refused.error.message
     assert workloads == ("completion", "embedding") and plain_workloads == ("completion",)

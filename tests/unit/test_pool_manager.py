@@ -23,10 +23,10 @@ async def drain(manager: PoolManager, task_id: str) -> list[tuple[int, str, dict
     events, cursor = [], 0
     for _ in range(1000):
         result = await manager.poll(task_id, cursor, 5.0)
-        events.extend(result["events"])
-        if result["events"]:
-            cursor = result["events"][-1][0] + 1
-        if result["done"]:
+        events.extend(result.events)
+        if result.events:
+            cursor = result.events[-1][0] + 1
+        if result.done:
             return events
     raise AssertionError("stream did not end")
 
@@ -56,7 +56,7 @@ def test_interactive_runs_before_batch_queued_earlier():
         return admitted, [task_id for _, task_id in sorted(order)]
 
     admitted, order = asyncio.run(scenario())
-    assert admitted["queue_position"] == 0
+    assert admitted.admission.queue_position == 0
     assert order == ["blocker", "inter-1", "batch-1", "batch-2"]
 
 
@@ -84,10 +84,10 @@ def test_preload_failure_keeps_pool_unready_with_cause():
         return snapshot, refused
 
     snapshot, refused = asyncio.run(scenario())
-    assert snapshot["ready"] is False
-    assert "no file at /nonexistent/m.gguf" in snapshot["last_error"]
-    assert refused["error"]["code"] == "POOL_UNREADY"
-    assert "no file at" in refused["error"]["message"]
+    assert snapshot.ready is False
+    assert "no file at /nonexistent/m.gguf" in snapshot.last_error
+    assert refused.error.code == "POOL_UNREADY"
+    assert "no file at" in refused.error.message
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -99,14 +99,14 @@ def test_slots_run_concurrently_and_all_complete(slots):
         for n, task_id in enumerate(ids):
             await manager.submit(request(max_tokens=6, seed=n), task_id)
         results = [await drain(manager, task_id) for task_id in ids]
-        snapshot = manager.snapshot()
+        snapshot = manager.report()
         await manager.stop()
         return results, snapshot
 
     results, snapshot = asyncio.run(scenario())
     assert all(events[-1][1] == "end" for events in results)
-    assert snapshot["active_slots"] == 0 and snapshot["queue_depth"] == 0
-    assert snapshot["counters"]["completed"] == 4
+    assert snapshot.view.active_slots == 0 and snapshot.view.queue_depth == 0
+    assert snapshot.detail.counters["completed"] == 4
 
 
 def test_closing_the_engine_waits_for_a_running_generation():
@@ -243,7 +243,7 @@ def test_kv_hint_and_strict_determinism_decide_prefix_reuse(fields, reuse):
         await manager.start()
         try:
             result = await manager.submit(request(**fields), "t1")
-            assert "error" not in result, result
+            assert result.error is None, result
             return manager.tasks["t1"].params.reuse_prefix
         finally:
             await manager.stop()

@@ -11,18 +11,10 @@ from pathlib import Path
 import pytest
 
 from orch.core.model_ref import ModelRefError, cache_path
-from orch.provision.errors import DigestMismatch, FetchFailed, SourceNotFound, TLSFailed
-from orch.provision.models import (
-    BadModelFile,
-    InvalidRequest,
-    ProvisionPlan,
-    ProvisionSettings,
-    digest_path,
-    download,
-    execute,
-    plan,
-    remove_managed,
-)
+from orch.provision.errors import BadModelFile, DigestMismatch, FetchFailed, InvalidRequest, SourceNotFound, TLSFailed
+from orch.provision.fetch_url import download
+from orch.provision.files import digest_path, remove_managed
+from orch.provision.models import ProvisionPlan, ProvisionSettings, execute, plan
 from tests.gguf_writer import tiny_gguf
 from tests.loopback_servers import FileServer, HubRepo, HubStandIn, make_tls_cert, sha256_digest
 
@@ -44,6 +36,10 @@ def https_server(tls):
 
 
 def settings_for(tmp_path: Path, **kwargs) -> ProvisionSettings:
+    """Local files under ``tmp_path``; downloads from the loopback test servers, which the
+    policy refuses unless named (a CIDR entry still lets any public name pass the plan)."""
+    kwargs.setdefault("local_roots", (str(tmp_path),))
+    kwargs.setdefault("allowed_hosts", ("127.0.0.0/8",))
     return ProvisionSettings(model_cache=str(tmp_path / "cache"), timeout_s=5, base_dir=str(tmp_path), **kwargs)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+from orch.api.pools import PoolDetail, PoolSnapshot, PoolView
 from orch.config import project_root
 from orch.observability.pool_metrics import PoolMetrics
 
@@ -33,10 +34,10 @@ def test_counters_grow_by_the_difference_only(monkeypatch):
     from orch.observability.ray_metrics import RayMetricsExporter
 
     pool = PoolMetrics()
-    snap = {"pool_id": "p", "engine": "mock", "active_slots": 1, "queue_depth_by_priority": {"interactive": 2}}
+    view = PoolView(pool_id="p", engine="mock", model_ref="mock-model", ready=True, active_slots=1)
 
     def snapshot():
-        return dict(snap, metrics=pool.to_dict())
+        return PoolSnapshot(view, PoolDetail("p", queue_depth_by_priority={"interactive": 2}, metrics=pool.to_dict()))
 
     exporter = RayMetricsExporter(snapshot)
     pool.enqueued.inc("interactive", 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import pickle
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from orch.api.errors import ErrorCode
 from orch.api.sessions import SessionInfo
 from orch.config import ConfigError, parse_config
 from orch.core.errors import OrchError
-from orch.core.sessions import POLICY_LABEL, SessionBook, SessionPolicy, _Session
+from orch.core.sessions import POLICY_LABEL, SessionBook, SessionPolicy, TurnCheck, _Session
 
 
 class Clock:
@@ -207,6 +208,28 @@ def test_configure_keeps_usage_and_applies_the_new_limits():
     sessions.configure(SessionPolicy(tokens=80, max_turns=1))
     assert sessions.info("s1")["budgets"]["tokens"] == 20
     assert "turns" in refused(sessions).message
+
+
+def test_check_turn_answers_what_check_raises_as_plain_data():
+    """The sessions actor answers with a TurnCheck; the ingress raises its error()."""
+    sessions, clock = book(tokens=100, max_turns=2)
+    first = sessions.check_turn("s1", max_tokens=10)
+    assert first == TurnCheck(last_pool_id=None, budgets={"tokens": 100, "time_ms": None, "cost": None})
+    assert first.error() is None and sessions.info("s1") is not None  # the session exists now
+    sessions.record_turn("s1", "p1")
+    assert sessions.check_turn("s1").last_pool_id == "p1"
+    sessions.record_turn("s1", "p1")
+    clock.advance(100)
+    answer = sessions.check_turn("s1")
+    assert answer.refusal is not None and answer.retry_after_ms == 500_000
+    assert pickle.loads(pickle.dumps(answer)) == answer  # crosses Ray as it is
+    error = answer.error()
+    raised = refused(sessions)
+    assert error.to_dict() == raised.to_dict() == {
+        "code": "BUDGET_EXCEEDED", "message": answer.refusal, "retriable": False, "retry_after_ms": 500_000,
+        "policy_label": POLICY_LABEL}
+    assert sessions.check_turn("new", max_tokens=101).retry_after_ms is None  # refused first use: no session
+    assert sessions.info("new") is None
 
 
 # --------------------------------------------------------------------------- metadata only

@@ -1,11 +1,12 @@
-"""Restart policy: backoff grows, the circuit opens on a storm and closes after a healthy run."""
+"""Restart policy: backoff grows, the circuit opens on a storm and closes after a healthy run;
+and next_action, branch by branch, from what the supervisor observed of a pool."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orch.core.supervision import RestartPolicy, RestartState
+from orch.core.supervision import Action, PoolObservation, Reason, RestartPolicy, RestartState, Step, next_action
 
 
 class Clock:
@@ -86,3 +87,68 @@ def test_restarts_never_happen_while_the_circuit_is_open(steps):
             assert not restarts.may_restart()
         if restarts.consecutive:
             assert restarts.policy.backoff_s(restarts.consecutive) <= 8
+
+
+# -- next_action: one branch each, then the precedence between them ------------------------
+LIVE = dict(found=True, seen=True)
+
+
+def test_a_start_in_flight_waits_whatever_else_is_seen():
+    assert next_action(PoolObservation(starting=True, found=True, engine_failed=True)) == Action(Step.wait)
+
+
+def test_no_actor_is_created_and_one_that_vanished_counts_as_a_failure():
+    assert next_action(PoolObservation()) == Action(Step.create)
+    vanished = next_action(PoolObservation(seen=True))
+    assert vanished.step is Step.create and vanished.reason is Reason.disappeared and "disappeared" in vanished.cause
+
+
+def test_an_actor_that_does_not_answer_is_lost():
+    lost = next_action(PoolObservation(lost="GetTimeoutError", **LIVE))
+    assert lost == Action(Step.create, Reason.lost, "pool actor lost: GetTimeoutError")
+
+
+def test_a_changed_config_or_runtime_env_replaces_the_actor():
+    assert next_action(PoolObservation(config_changed=True, ready=True, **LIVE)) == Action(Step.replace,
+                                                                                          Reason.config_changed)
+    assert next_action(PoolObservation(runtime_env_changed=True, binding_changed=True, **LIVE)) == Action(
+        Step.replace, Reason.runtime_env_changed)
+
+
+def test_a_failed_bind_restarts_counting_the_failure_once():
+    first = next_action(PoolObservation(bind_failed=True, last_error="no such file", ready=True, **LIVE))
+    assert first == Action(Step.restart, Reason.bind_failed, "no such file", count=True)
+    again = next_action(PoolObservation(bind_failed=True, counted=True, **LIVE))
+    assert again == Action(Step.restart, Reason.bind_failed, "binding the catalog's model failed", count=False)
+
+
+def test_a_changed_binding_is_bound_in_place():
+    assert next_action(PoolObservation(binding_changed=True, ready=True, **LIVE)) == Action(Step.bind)
+
+
+def test_ready_is_healthy_and_held_is_not_a_failure():
+    assert next_action(PoolObservation(ready=True, **LIVE)) == Action(Step.healthy)
+    held = PoolObservation(held=True, last_error="waiting for the model", **LIVE)
+    assert next_action(held) == Action(Step.hold)
+
+
+def test_a_failed_engine_or_load_restarts_and_a_loading_pool_waits():
+    assert next_action(PoolObservation(engine_failed=True, **LIVE)) == Action(
+        Step.restart, Reason.engine_failed, "engine failed", count=True)
+    assert next_action(PoolObservation(last_error="preload failed: x", **LIVE)) == Action(
+        Step.restart, Reason.engine_failed, "preload failed: x", count=True)
+    assert next_action(PoolObservation(last_error="note", loading=True, **LIVE)) == Action(Step.wait)
+    assert next_action(PoolObservation(loading=True, **LIVE)) == Action(Step.wait)
+
+
+def test_precedence_config_before_bind_failure_before_runtime_env_before_binding():
+    everything = dict(config_changed=True, bind_failed=True, runtime_env_changed=True, binding_changed=True,
+                      ready=True, held=True, engine_failed=True, **LIVE)
+    order = []
+    for flag in ("config_changed", "bind_failed", "runtime_env_changed", "binding_changed", "ready", "held"):
+        action = next_action(PoolObservation(**everything))
+        order.append(action.step.value + (f":{action.reason.value}" if action.reason else ""))
+        everything[flag] = False
+    order.append(next_action(PoolObservation(**everything)).step.value)
+    assert order == ["replace:config_changed", "restart:bind_failed", "replace:runtime_env_changed", "bind",
+                     "healthy", "hold", "restart"]

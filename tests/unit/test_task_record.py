@@ -80,9 +80,9 @@ def test_cancel_before_any_stream_cuts_everything_buffered():
         record.push("started", {})
         for n in range(3):
             record.push_token(str(n))
-        cut = record.cut_and_end({"finish_reason": "cancelled"})
+        cut = record.cut_and_end(decode_time_ms=0)
         acked = await record.wait_acknowledged(cut, 0.1)
-        again = record.cut_and_end({"finish_reason": "cancelled"})
+        again = record.cut_and_end(decode_time_ms=0)
         assert again == 0  # the end is not handed out yet, so a second cancel still cuts at 0
         events, done = await record.poll(0, 0.0)
         return cut, acked, events, done, record.push_token("after")
@@ -135,7 +135,7 @@ def test_no_token_reaches_a_stream_after_cancel_returns(total, cancel_after, con
         async def canceller():
             for _ in range(cancel_after):
                 await asyncio.sleep(0)
-            cut = record.cut_and_end({"finish_reason": "cancelled"})
+            cut = record.cut_and_end(decode_time_ms=0)
             if cut is None:  # the stream had everything already; cancel is a no-op
                 return None
             assert await record.wait_acknowledged(cut, 1.0)
@@ -179,12 +179,13 @@ def test_cancel_after_the_end_cuts_the_unsent_tail_without_ending_the_task_twice
         handed, _ = await record.poll(0, 0.0)
         record.push_token("b")
         record.push("end", {"tokens_out": 2, "finish_reason": "length"})
-        cut = record.cut_and_end({"finish_reason": "cancelled"})
+        cut = record.cut_and_end(decode_time_ms=0)
         rest, done = await record.poll(len(handed), 0.0)
         return finals, cut, handed + rest, done, record
 
     finals, cut, events, done, record = asyncio.run(scenario())
     assert finals == ["end"] and cut == 2 and done
     assert [kind for _, kind, _ in events] == ["started", "token", "end"]
-    assert events[-1][2] == {"finish_reason": "cancelled", "tokens_out": 1, "transcript_id": "tr-1"}
+    assert events[-1][2] == {"tokens_out": 1, "decode_time_ms": 0, "finish_reason": "cancelled",
+                              "transcript_id": "tr-1"}
     assert record.ended_before_cancel and record.tokens_out == 1

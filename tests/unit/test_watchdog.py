@@ -48,8 +48,8 @@ def test_a_hung_engine_ends_at_the_deadline_and_a_stuck_slot_fails_the_engine():
     assert 0.3 <= hung_ended < 1.0, hung_ended
     assert [kind for _, kind, _ in queued] == ["error"] and queued[0][2]["code"] == "DECODE_TIMEOUT"
     assert "queued" in queued[0][2]["message"] and 0.6 <= queued_ended < 1.2, queued_ended
-    assert snapshot["engine_failed"] is True and snapshot["ready"] is False
-    assert "hung" in snapshot["last_error"]
+    assert snapshot.engine_failed is True and snapshot.ready is False
+    assert "hung" in snapshot.last_error
     assert counters["failed"] == 2 and counters["completed"] == 0
 
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from orch.api.meta import API_VERSION, Capabilities, PoolCapabilities, VersionInfo
+from orch.api.pools import PoolView
 from orch.config import project_root
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
@@ -18,13 +19,13 @@ from orch.serve.state import IngressState
 BASE_FEATURES = ("streaming", "cancel", "seed", "resume", "priorities", "placement_overrides", "transcripts")
 
 
-def pool_features(row: dict[str, Any]) -> list[str]:
+def pool_features(row: PoolView) -> list[str]:
     features = list(BASE_FEATURES)
-    if row.get("chat_template"):
+    if row.has_chat_template:
         features.append("chat_template")
-    if "embedding" in row.get("workloads", ()):
+    if "embedding" in row.workloads:
         features.append("embeddings")
-    if row.get("slots", 1) == 1:
+    if row.slots == 1:
         features.append("deterministic_single_slot")
     return features
 
@@ -60,18 +61,18 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
         rows = await registry.rows()
         pools = []
         for pool in state.config.pools:
-            row = rows.get(pool.id, {})
+            row = rows[pool.id]  # every configured pool has a row (a made-up one while it is down)
             pools.append(PoolCapabilities(
                 pool_id=pool.id,
-                ready=row.get("ready", False),
+                ready=row.ready,
                 engine=pool.engine.value,
-                engine_version=row.get("engine_version", ""),
-                model=row.get("model_ref", pool.model),
-                ctx_max=row.get("ctx_max", 0),
+                engine_version=row.engine_version,
+                model=row.model_ref,
+                ctx_max=row.ctx_max,
                 # Without a configured cap, output is bounded only by the context.
-                max_tokens_out=pool.max_tokens_out or row.get("ctx_max", 0),
+                max_tokens_out=pool.max_tokens_out or row.ctx_max,
                 slots=pool.slots,
-                workloads=list(row.get("workloads", ("completion",))),
+                workloads=list(row.workloads),
                 features=pool_features(row),
             ))
         return JSONResponse(Capabilities(api_version=API_VERSION, pools=pools).model_dump())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from orch.observability.exposition import render
-
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
 
@@ -39,23 +40,21 @@ def routes(state: IngressState) -> list[ApiRoute]:
 
     async def readyz(request: Request) -> Response:
         rows = await registry.rows()
-        pools = {
-            pid: {"ready": row["ready"], "draining": row.get("draining", False), "last_error": row.get("last_error")}
-            for pid, row in rows.items()
-        }
+        pools = {pid: {"ready": row.ready, "draining": row.draining, "last_error": row.last_error}
+                 for pid, row in rows.items()}
         ready = any(p["ready"] and not p["draining"] for p in pools.values())
         return JSONResponse({"ready": ready, "pools": pools}, status_code=200 if ready else 503)
 
     async def metrics(request: Request) -> Response:
-        rows = await registry.rows()
+        rows, details = await asyncio.gather(registry.rows(), registry.details())
         totals: dict = {}
         if state.metrics is not None:
             try:
                 totals = await state.metrics.read.remote()
             except Exception:  # the totals actor is restarting: pools' series still count
                 totals = {}
-        catalog = state.extras.get("catalog_verifications", {})
-        return Response(render(rows, totals, catalog), media_type="text/plain; version=0.0.4; charset=utf-8")
+        catalog = totals.get("verifications", {})
+        return Response(render(rows, details, totals, catalog), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [
         ApiRoute("GET", "/metrics", metrics, "Prometheus metrics of every pool and of placement", "operations",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-import ray
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,7 +16,7 @@ from orch.api.control import (
     PurgeResult,
     ReloadRequest,
     ReloadResult,
-    health_from_snapshot,
+    pool_health,
 )
 from orch.api.errors import ErrorCode
 from orch.core.errors import OrchError
@@ -42,17 +42,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
         return pool_id
 
     async def call(pool_id: str, method: str, *args: Any, timeout: float = 30.0) -> Any:
-        import asyncio
-
-        try:
-            return await asyncio.wait_for(getattr(registry.handle(pool_id), method).remote(*args), timeout)
-        except ray.exceptions.RayActorError:
-            registry.handles.pop(pool_id, None)
-            raise OrchError(ErrorCode.POOL_UNAVAILABLE, f"pool '{pool_id}' is unreachable (its actor is down)",
-                            retriable=True, retry_after_ms=1000, pool_id=pool_id) from None
-        except asyncio.TimeoutError:
-            raise OrchError(ErrorCode.POOL_UNAVAILABLE, f"pool '{pool_id}' did not answer within {timeout:.0f} s",
-                            retriable=True, retry_after_ms=1000, pool_id=pool_id) from None
+        return await registry.pools.call(pool_id, method, *args, timeout=timeout)
 
     async def optional_body(request: Request, model):
         raw = await request.body()
@@ -67,13 +57,11 @@ def routes(state: IngressState) -> list[ApiRoute]:
     async def health(request: Request) -> Response:
         pool_id = pool_of(request)
         try:
-            snap = await call(pool_id, "health", timeout=5.0)
-            body = health_from_snapshot(snap, live=True)
+            snap = await registry.pools.report(pool_id, timeout=5.0)
+            body = pool_health(snap.view, snap.detail, live=True)
         except OrchError as exc:
-            rows = await registry.rows()
-            row = dict(rows.get(pool_id, {}), last_error=exc.message, ready=False, active_slots=0)
-            row.setdefault("pool_id", pool_id)
-            body = health_from_snapshot(row, live=False)
+            row = (await registry.rows())[pool_id]
+            body = pool_health(replace(row, last_error=exc.message, ready=False, active_slots=0), None, live=False)
         return JSONResponse(body.model_dump())
 
     async def drain(request: Request) -> Response:

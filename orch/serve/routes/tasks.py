@@ -47,12 +47,12 @@ def routes(state: IngressState) -> list[ApiRoute]:
         result = admitted.result
         admission = AdmissionResponse(
             task_id=admitted.task_id,
-            queue_position=result["queue_position"],
-            predicted_start_ms=result["predicted_start_ms"],
-            backoff_ms=result["backoff_ms"],
+            queue_position=result.queue_position,
+            predicted_start_ms=result.predicted_start_ms,
+            backoff_ms=result.backoff_ms,
             pool_id=admitted.pool_id,
             streams=links(admitted.task_id),
-            preparation=result.get("preparation"),
+            preparation=result.preparation,
         )
         return JSONResponse(admission.model_dump(mode="json", exclude_none=True), status_code=202)
 
@@ -69,7 +69,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
     async def cancel_task(request: Request) -> Response:
         task_id = path_id(request, "task_id", "task")
         result = await service.cancel(task_id)
-        return no_content({"X-Tokens-Sent": str(result["tokens_sent"])})
+        return no_content({"X-Tokens-Sent": str(result.tokens_sent)})
 
     return [
         ApiRoute("POST", "/v2/tasks", create_task, "Admit a task into a pool's queue", "tasks",

@@ -15,7 +15,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-import ray
 from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -63,11 +62,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
     page, security_policy = _load_page()
 
     async def tasks_of(pool_id: str, limit: int) -> list[dict[str, Any]]:
-        try:
-            return await asyncio.wait_for(registry.handle(pool_id).recent_tasks.remote(limit), POOL_ANSWER_TIMEOUT_S)
-        except ray.exceptions.RayActorError:
-            registry.handles.pop(pool_id, None)  # look it up again next time: it may have been restarted
-            raise
+        return await registry.pools.call(pool_id, "recent_tasks", limit, timeout=POOL_ANSWER_TIMEOUT_S)
 
     async def recent_tasks(request: Request) -> Response:
         limit = _limit(request)

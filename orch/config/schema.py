@@ -1,4 +1,5 @@
-"""Orchestrator configuration: strict schema, YAML loading, GPU policy.
+"""The configuration's schema: pools, server, artifacts, sessions, supervision, and the
+whole ``OrchConfig`` (replica sets expanded, pool ids unique, local roots defaulted).
 
 Every model refuses unknown keys and the error names the path of the bad key
 (``pools[0].engnie: unknown key``), so a typo can never silently fall back to a default.
@@ -9,42 +10,32 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
-import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     FieldSerializationInfo,
     SecretStr,
-    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
 )
 
 from orch.api.tasks import ID_PATTERN, Engine
+from orch.config.base import Strict, project_root
+from orch.config.catalog import CatalogConfig
 from orch.core.queue import QueuePolicy
 
 #: Engines a pool can host today.
 POOL_ENGINES = (Engine.llamacpp, Engine.vllm, Engine.external, Engine.mock)
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message says where and what to fix."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class QueueConfig(_Strict):
+class QueueConfig(Strict):
     capacity: int = Field(default=32, ge=1, le=1_000_000)
     policy: QueuePolicy = QueuePolicy.reject
 
 
-class PoolConfig(_Strict):
+class PoolConfig(Strict):
     id: str = Field(pattern=ID_PATTERN)
     engine: Engine
     #: Model reference (see orch.core.model_ref for the accepted forms).
@@ -102,7 +93,7 @@ class PoolConfig(_Strict):
         return self
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     #: The address clients reach; keep it equal to the Serve proxy's ``http_options.host``.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -155,7 +146,7 @@ class ServerConfig(_Strict):
         return self.auth_token.get_secret_value() if self.auth_token else None
 
 
-class ArtifactsConfig(_Strict):
+class ArtifactsConfig(Strict):
     #: Where artifacts (task transcripts included) are written; relative paths are taken
     #: from the directory the service is started in.
     root: str = Field(default=".runtime/artifacts", validate_default=True, min_length=1)
@@ -166,80 +157,7 @@ class ArtifactsConfig(_Strict):
         return str(Path(value).expanduser().resolve())
 
 
-#: Schemes the outbound policy can allow (the ref forms that fetch over the network).
-FETCH_SCHEMES = ("hf", "https", "http", "s3", "oci")
-
-
-class OutboundPolicy(_Strict):
-    """What model provisioning may fetch from the network."""
-
-    #: Off: every ref that needs a download is refused at once; local files still work.
-    allow_downloads: bool = True
-    #: Hosts downloads may reach (``example.com``, or ``*.example.com`` for its subdomains);
-    #: empty: any host. Hub downloads redirect to CDN hosts, which must be listed too.
-    allowed_hosts: list[str] = Field(default_factory=list, max_length=256)
-    #: Ref schemes that may be fetched. Plain ``http`` only ever reaches loopback hosts.
-    allowed_schemes: list[str] = Field(default_factory=lambda: list(FETCH_SCHEMES), min_length=1)
-    #: Seconds any single network operation may take: a connect, or a read that gets no byte.
-    timeout_s: float = Field(default=30, gt=0, le=600)
-    #: PEM bundle of the CAs trusted for https downloads (a private mirror); none: the system's.
-    ca_bundle: Optional[str] = None
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _host_patterns(cls, value: list[str]) -> list[str]:
-        import re
-
-        pattern = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$|^[0-9a-f:.]+$")
-        out = []
-        for host in value:
-            lowered = host.strip().lower()
-            if not pattern.match(lowered):
-                raise ValueError(f"allowed host {host!r} must be a host name, an IP address or *.domain (no scheme, port or path)")
-            out.append(lowered)
-        return out
-
-    @field_validator("allowed_schemes")
-    @classmethod
-    def _known_schemes(cls, value: list[str]) -> list[str]:
-        for scheme in value:
-            if scheme not in FETCH_SCHEMES:
-                raise ValueError(f"scheme {scheme!r} is not a fetch scheme; choose from {', '.join(FETCH_SCHEMES)}")
-        return value
-
-    @field_validator("ca_bundle")
-    @classmethod
-    def _absolute_bundle(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else str(Path(value).expanduser().resolve())
-
-
-class CatalogConfig(_Strict):
-    #: Where the catalog's records and index live; relative paths are taken from the
-    #: directory the service is started in (like ``artifacts.root``).
-    root: str = Field(default=".runtime/catalog", validate_default=True, min_length=1)
-    #: Where downloaded models are cached on each node that provisions one.
-    model_cache: str = Field(default=".runtime/models", validate_default=True, min_length=1)
-    outbound: OutboundPolicy = OutboundPolicy()
-    #: The Hugging Face Hub endpoint for ``hf:`` refs (a mirror); none: huggingface-hub's
-    #: own default, which honours ``HF_ENDPOINT``.
-    hf_endpoint: Optional[str] = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
-    #: Longest a provisioning request waits for its download before answering.
-    provision_timeout_s: float = Field(default=3600, gt=0, le=7 * 24 * 3600)
-    #: A task for a pool that waits for its model starts the model's fetch (when the outbound
-    #: policy allows it); off: only POST /v2/catalog/models or a handoff provides the model.
-    fetch_on_demand: bool = True
-    #: Where provisioned engines (downloaded binaries, source builds) are kept on each node.
-    engine_cache: str = Field(default=".runtime/engine-cache", validate_default=True, min_length=1)
-    #: Watched directory of handoff files (JSON; see orch/catalog/handoff_files.py).
-    handoff_dir: str = Field(default=".runtime/engines", validate_default=True, min_length=1)
-
-    @field_validator("root", "model_cache", "engine_cache", "handoff_dir")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        return str(Path(value).expanduser().resolve())
-
-
-class SessionBudgetsConfig(_Strict):
+class SessionBudgetsConfig(Strict):
     """Limits per session; a budget left out is not limited."""
 
     #: tokens_in + tokens_out over the session's turns.
@@ -258,7 +176,7 @@ class SessionBudgetsConfig(_Strict):
         return self
 
 
-class SessionsConfig(_Strict):
+class SessionsConfig(Strict):
     #: Seconds a session lives after its last activity (a turn admitted or finished).
     ttl_s: float = Field(default=600, gt=0, le=30 * 24 * 3600)
     #: Tasks a session may run; the next one is refused with BUDGET_EXCEEDED.
@@ -266,7 +184,7 @@ class SessionsConfig(_Strict):
     budgets: Optional[SessionBudgetsConfig] = None
 
 
-class SupervisionConfig(_Strict):
+class SupervisionConfig(Strict):
     """How the supervisor restarts failed pools (see orch/core/supervision.py)."""
 
     #: First restart delay; doubles per consecutive failure up to ``backoff_max_s``.
@@ -287,7 +205,7 @@ class SupervisionConfig(_Strict):
         }
 
 
-class OrchConfig(_Strict):
+class OrchConfig(Strict):
     version: int = 1
     #: Ray namespace of the pool actors; two orchestrators on one cluster need two.
     namespace: str = Field(default="orch", pattern=ID_PATTERN)
@@ -321,6 +239,18 @@ class OrchConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _default_local_roots(self) -> "OrchConfig":
+        """Unset ``catalog.local_roots``: the model cache and the pools' own model directories."""
+        if self.catalog.local_roots is None:
+            roots = [self.catalog.model_cache]
+            for pool in self.pools:
+                folder = _local_model_dir(pool.model)
+                if folder is not None and folder not in roots:
+                    roots.append(folder)
+            object.__setattr__(self.catalog, "local_roots", roots)
+        return self
+
+    @model_validator(mode="after")
     def _unique_pool_ids(self) -> "OrchConfig":
         seen: set[str] = set()
         for pool in self.pools:
@@ -336,107 +266,13 @@ class OrchConfig(_Strict):
         raise KeyError(pool_id)
 
 
-def _path(loc: tuple[Union[str, int], ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def _explain(error: ValidationError, source: str) -> str:
-    lines = []
-    for item in error.errors():
-        loc = _path(tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{source}: {loc}: unknown key")
-        elif item["type"] == "missing":
-            lines.append(f"{source}: {loc}: required key is missing")
-        else:
-            msg = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
-
-
-def parse_config(data: Any, source: str = "config") -> OrchConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping with a 'pools' list")
-    try:
-        return OrchConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc, source)) from None
-
-
-def project_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def find_config_file(path: Union[str, Path]) -> Path:
-    """Locate a config file: as given, then under $ORCH_HOME, then under the project root."""
-    candidate = Path(path)
-    if candidate.is_absolute():
-        if candidate.is_file():
-            return candidate
-        raise ConfigError(f"config file {candidate} does not exist")
-    bases = [Path.cwd()]
-    if os.environ.get("ORCH_HOME"):
-        bases.append(Path(os.environ["ORCH_HOME"]))
-    bases.append(project_root())
-    for base in bases:
-        if (base / candidate).is_file():
-            return (base / candidate).resolve()
-    raise ConfigError(f"config file {path} not found in " + ", ".join(str(b) for b in bases))
-
-
-def load_config(path: Union[str, Path]) -> OrchConfig:
-    file = find_config_file(path)
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    return parse_config(data, str(file))
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind_auth(config: OrchConfig, bind_host: str) -> None:
-    """The auth seam's start-up rule: beyond loopback, only with a bearer token."""
-    if not is_loopback(bind_host) and config.server.auth_token is None:
-        raise ConfigError(
-            f"the service binds {bind_host}, which is reachable beyond this machine, and no bearer token is "
-            "configured; set server.auth_token_env to the name of an environment variable holding a token "
-            "(at least 16 characters), or bind 127.0.0.1"
-        )
-
-
-def to_wire(config: OrchConfig) -> dict[str, Any]:
-    """The config as a plain dict for Ray actors and Serve replicas, secrets included."""
-    return config.model_dump(mode="json", context={"reveal_secrets": True})
-
-
-def check_gpu_capacity(config: OrchConfig, cluster_gpus: float) -> None:
-    """GPU-only policy at start-up: fail fast when a pool wants GPUs the cluster lacks."""
-    for pool in config.pools:
-        if pool.num_gpus > cluster_gpus:
-            raise ConfigError(
-                f"pool '{pool.id}' asks for {pool.num_gpus:g} GPU(s) but the Ray cluster has "
-                f"{cluster_gpus:g}; start Ray where GPUs are visible, or set num_gpus: 0 with "
-                "allow_cpu: true to run this pool on CPU"
-            )
-    wanted = sum(pool.num_gpus for pool in config.pools)
-    if wanted > cluster_gpus:
-        raise ConfigError(
-            f"the pools ask for {wanted:g} GPUs in all but the Ray cluster has {cluster_gpus:g}; "
-            "remove pools or lower their num_gpus"
-        )
+def _local_model_dir(model: str) -> Optional[str]:
+    """The directory holding a pool's local model (a ``file:`` ref or a plain path), or None."""
+    if model.startswith("file:"):
+        model = model[len("file:"):]
+    elif model.startswith("pkg:") or "://" in model or model.split(":", 1)[0] in ("hf", "s3", "oci"):
+        return None
+    path = Path(model).expanduser()
+    if not path.is_absolute():
+        path = project_root() / path
+    return os.path.realpath(path.parent)

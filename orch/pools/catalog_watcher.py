@@ -20,7 +20,10 @@ from typing import Any, Iterable, Optional
 
 import ray
 
+from orch.actors import ActorClient
+from orch.api.pools import CatalogBinding
 from orch.catalog import binding as bindings
+from orch.catalog.actor import catalog_actor
 from orch.catalog.handoff_files import HandoffFileError, list_files, read_file
 from orch.config import OrchConfig, project_root
 from orch.core.model_ref import ModelRefError, default_model_id
@@ -43,7 +46,9 @@ WARN_EVERY_S = 30.0
 
 class CatalogWatcher:
     def __init__(self, config: OrchConfig) -> None:
-        self.handle: Any = None
+        #: No retry within a round: a lost catalog is looked up again by the next round's first call.
+        self._client = ActorClient(lambda: catalog_actor(self.config.catalog.root, self.config.namespace),
+                                    retry=False, timeout=CALL_TIMEOUT_S)
         self.generation: Optional[str] = None
         self.records: list[dict[str, Any]] = []
         self.handoffs: list[dict[str, Any]] = []
@@ -67,11 +72,7 @@ class CatalogWatcher:
     # ------------------------------------------------------------------ the view
 
     async def _call(self, method: str, *args: Any) -> Any:
-        if self.handle is None:
-            from orch.catalog.actor import catalog_actor
-
-            self.handle = await asyncio.to_thread(catalog_actor, self.config.catalog.root, self.config.namespace)
-        return await asyncio.wait_for(getattr(self.handle, method).remote(*args), CALL_TIMEOUT_S)
+        return await self._client.call(method, *args)
 
     async def refresh(self, models: Iterable[str]) -> None:
         """One round: handoff files, then the view when the catalog changed."""
@@ -85,10 +86,10 @@ class CatalogWatcher:
                 self.records, self.handoffs, self.progress = view["records"], view["handoffs"], view["progress"]
                 self.generation, self.viewed = view["generation"], keys
         except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
-            self.handle = None
+            self._client.forget()
             self._warn(f"the model catalog is not reachable ({type(exc).__name__}); pools keep their last binding")
         except Exception as exc:  # a broken catalog directory must not stop pool supervision
-            self.handle = None
+            self._client.forget()
             self._warn(f"reading the model catalog failed: {type(exc).__name__}: {str(exc)[:300]}")
         self._reap_fetches()
 
@@ -98,7 +99,7 @@ class CatalogWatcher:
             self._warned_at = now
             log.warning("%s", message)
 
-    def binding(self, pool_id: str, engine: str, model: str, attached_url: Optional[str] = None) -> Optional[dict[str, Any]]:
+    def binding(self, pool_id: str, engine: str, model: str, attached_url: Optional[str] = None) -> Optional[CatalogBinding]:
         """The pool's binding with its preparation plan; None while the catalog's answer for
         this ref is not known yet (the pool keeps what it has)."""
         key = bindings.catalog_key(model, self.base_dir)
@@ -106,12 +107,11 @@ class CatalogWatcher:
             return None
         found = bindings.resolve(pool_id, engine, model, self.records, self.handoffs, self.base_dir,
                                  attached_url=attached_url)
-        if found["runtime_env"]:
-            found["runtime_env_key"] = bindings.runtime_env_key(found["runtime_env"])
-        if found["status"] in (bindings.WAITING, bindings.RETIRED):
+        if found.held:
             allowed, reason = self.fetch_policy(model)
-            found["preparation"] = bindings.preparation(found, engine, fetch_allowed=allowed, blocked_reason=reason,
-                                                        progress=self.progress.get(found["model_ref"]))
+            found = found.but(preparation=bindings.preparation(found, engine, fetch_allowed=allowed,
+                                                               blocked_reason=reason,
+                                                               progress=self.progress.get(found.model_ref)))
         return found
 
     def fetch_policy(self, model: str) -> tuple[bool, Optional[str]]:
@@ -132,10 +132,10 @@ class CatalogWatcher:
 
     # ------------------------------------------------------------------ fetch on demand
 
-    async def fetch_for(self, binding: dict[str, Any], model: str, node_id: Optional[str]) -> None:
+    async def fetch_for(self, binding: CatalogBinding, model: str, node_id: Optional[str]) -> None:
         """Start provisioning the model a waiting pool has tasks for (once; not while one runs,
         nor within FETCH_RETRY_S of a failed one)."""
-        key = binding["model_ref"]
+        key = binding.model_ref
         allowed, _ = self.fetch_policy(model)
         if not allowed or key in self._fetches:
             return
@@ -159,7 +159,7 @@ class CatalogWatcher:
             if claim["status"] != "started":
                 return  # exists (the next view binds it) or busy (someone else fetches it)
             try:
-                self._fetches[key] = start_provision(steps, self.settings, self.handle, node_id)
+                self._fetches[key] = start_provision(steps, self.settings, self._client.handle, node_id)
             except Exception as exc:
                 await self._call("finish", steps.model_id, f"could not start provisioning: {exc}")
                 raise
@@ -195,7 +195,7 @@ class CatalogWatcher:
             if self._file_stamps.get(handoff.name) == handoff.stamp:
                 continue
             try:
-                record = await asyncio.to_thread(read_file, handoff, self._canonical_ref)
+                record = await asyncio.to_thread(read_file, handoff, self._canonical_ref, self.settings.handoff_roots())
             except HandoffFileError as exc:
                 log.warning("ignored: %s", exc, extra={"human": f"Handoff file {handoff.name} is invalid: {exc}"})
                 self._file_stamps[handoff.name] = handoff.stamp

@@ -7,17 +7,16 @@ request's prompt never leaves the ingress.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Optional
 
 import ray
 
+from orch.actors import ActorClient
 from orch.api.errors import ErrorCode
 from orch.config import SessionsConfig
 from orch.core.errors import OrchError
-from orch.core.placement import PlacementDecision
-from orch.core.sessions import SessionPolicy
+from orch.core.sessions import SessionPolicy, TurnCheck
 from orch.serve.service import AnyTask, SessionTurn
 from orch.sessions.actor import sessions_actor
 
@@ -43,20 +42,27 @@ class SessionsGate:
     def __init__(self, namespace: str, config: SessionsConfig) -> None:
         self.namespace = namespace
         self.policy = session_policy(config)
-        self._handle = None
-        self._connecting = asyncio.Lock()
+        self._client = ActorClient(self._connect)
+
+    def _connect(self):
+        """The actor, configured with this deployment's policy on this replica's first use
+        (a lost actor is looked up, or re-created empty, once per call)."""
+        handle = sessions_actor(self.namespace, self.policy)
+        ray.get(handle.configure.remote(self.policy))
+        return handle
 
     async def before_admit(self, session_id: str, request: AnyTask) -> SessionTurn:
         """Refuse (BUDGET_EXCEEDED) a turn the session may not take; else its last pool and
         the budgets it has left."""
         max_tokens = getattr(request, "max_tokens", None) or 0
-        result = await self._call("check", session_id, max_tokens, request.deadline_ms)
-        if "error" in result:
-            raise OrchError.from_dict(result["error"])
+        turn: TurnCheck = await self._call("check", session_id, max_tokens, request.deadline_ms)
+        refused = turn.error()
+        if refused is not None:
+            raise refused
         prices = {"in": self.policy.cost_per_1k_tokens_in, "out": self.policy.cost_per_1k_tokens_out}
-        return SessionTurn(result["last_pool_id"], result.get("budgets"), prices)
+        return SessionTurn(turn.last_pool_id, turn.budgets, prices)
 
-    async def after_admit(self, session_id: str, pool_id: str, decision: PlacementDecision) -> None:
+    async def after_admit(self, session_id: str, pool_id: str) -> None:
         """Count the turn. The task is already queued, so a failure here is logged, never
         raised: the client must still learn its task id."""
         try:
@@ -71,24 +77,9 @@ class SessionsGate:
         return await self._call("delete", session_id)
 
     async def _call(self, method: str, *args: Any) -> Any:
-        """One actor call; a lost actor is looked up (or re-created, empty) once before
-        the call is refused as retriable."""
-        for attempt in range(2):
-            try:
-                handle = await self._actor()
-                return await getattr(handle, method).remote(*args)
-            except ray.exceptions.RayActorError:
-                self._handle = None
-                if attempt:
-                    raise OrchError(ErrorCode.POOL_UNAVAILABLE, "the sessions store is unreachable; retry shortly",
-                                    retriable=True, retry_after_ms=1000) from None
-
-    async def _actor(self):
-        """The actor, configured with this deployment's policy on this replica's first use."""
-        if self._handle is None:
-            async with self._connecting:
-                if self._handle is None:
-                    handle = await asyncio.to_thread(sessions_actor, self.namespace, self.policy)
-                    await handle.configure.remote(self.policy)
-                    self._handle = handle
-        return self._handle
+        """One actor call; an actor still lost after one reconnect is refused as retriable."""
+        try:
+            return await self._client.call(method, *args)
+        except ray.exceptions.RayActorError:  # the call's retry failed too, or configuring a new actor did
+            raise OrchError(ErrorCode.POOL_UNAVAILABLE, "the sessions store is unreachable; retry shortly",
+                            retriable=True, retry_after_ms=1000) from None

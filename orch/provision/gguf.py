@@ -1,4 +1,4 @@
-"""GGUF header reader: the metadata the catalog records, read with ``struct`` only.
+"""GGUF header reader: the metadata a model's catalog record keeps, read with ``struct`` only.
 
 A GGUF file starts with ``GGUF``, a version (2 or 3), the tensor count, the metadata
 key/value count, the key/value pairs, then one info record per tensor. Only the header is

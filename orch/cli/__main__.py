@@ -1,0 +1,7 @@
+"""``python -m orch.cli``."""
+
+import sys
+
+from orch.cli.app import main
+
+sys.exit(main())
