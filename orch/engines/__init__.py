@@ -10,7 +10,7 @@ from orch.config import PoolConfig, project_root
 from orch.core.model_ref import resolve_local, resolve_local_path
 from orch.engines.base import Engine, EngineError, GenerationParams
 from orch.engines.external import ExternalEngine
-from orch.engines.llamacpp import LlamaCppEngine
+from orch.engines.llamacpp_batch import llamacpp_engine
 from orch.engines.mock import MockEngine
 from orch.engines.vllm_engine import VllmEngine
 
@@ -46,7 +46,7 @@ def build_engine(config: PoolConfig, binding: Optional[CatalogBinding] = None) -
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=False) or resolve_local(config.model, base_dir=project_root())
         threads = config.threads or max(1, int(config.num_cpus))
-        return LlamaCppEngine(path, slots=config.slots, ctx=config.ctx, threads=threads, **config.engine_options)
+        return llamacpp_engine(path, slots=config.slots, ctx=config.ctx, threads=threads, **config.engine_options)
     if engine == "vllm":
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=True) or resolve_local_path(

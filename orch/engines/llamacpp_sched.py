@@ -1,0 +1,333 @@
+"""The decode loop of the batched llama.cpp engine.
+
+One thread owns the llama.cpp context. At each step it builds one batch: the last sampled
+token of every running sequence, then prompt tokens of sequences still reading theirs, up
+to ``chunk`` tokens in all; one ``llama_decode`` advances them together, and each sequence
+samples its next token from its own row of logits with its own sampler chain. A long prompt
+is read over several steps, so the running streams wait at most one chunk for it.
+
+KV cache: ``slots x ctx`` cells for ``slots`` sequence ids, each holding at most ``ctx``
+positions, so the cache cannot fill unless the operator sized it smaller (``kv_size``). By
+default each sequence id has its own ``ctx`` cells (llama.cpp's non-unified cache): a
+sequence's attention then reads only its own cells, in the same order whatever else runs,
+which keeps its text the same in a batch as alone. A finished sequence's cells stay as a
+prefix cache: the next sequence takes the free id whose cached tokens match its prompt
+longest and removes only the rest (``llama_memory_seq_rm``). With ``kv_unified: true`` all
+ids share one pool of cells, and a prompt that matches a running sequence's cells longer
+shares them (``llama_memory_seq_cp``, no copy); numerics then depend on the neighbours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections import deque
+from typing import Any, Callable, Optional
+
+from orch.api.errors import ErrorCode
+from orch.api.events import FinishReason
+from orch.engines.base import EngineError
+from orch.engines.llamacpp_seq import End, Sequence, TextStream, sampler_chain
+
+log = logging.getLogger("orch.engine")
+
+
+class Scheduler:
+    """Continuous batching over one llama.cpp context (``ctx``, a ``llama_context_p``)."""
+
+    def __init__(self, llama_cpp: Any, ctx: Any, vocab: Any, tokenize: Callable[[str], list[int]], *,
+                 slots: int, ctx_tokens: int, chunk: int, unified: bool, prefix_cache: bool) -> None:
+        self._ll = llama_cpp
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+        self._vocab = vocab
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self._tokenize = tokenize
+        self.slots, self.ctx_tokens, self.chunk = slots, ctx_tokens, max(chunk, slots)
+        self.unified, self.prefix_cache = unified, prefix_cache
+        self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
+        self._piece = ctypes.create_string_buffer(256)
+        self._eog: Optional[tuple[int, ...]] = None
+        #: Tokens whose cells each sequence id holds, positions 0..len-1.
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
+        self._free: list[int] = list(range(slots))
+        self._active: list[Sequence] = []
+        self._pending: deque[Sequence] = deque()
+        #: Prompts wait while the cache is full, until a running sequence ends.
+        self._prefill_blocked = False
+        self._cond = threading.Condition()
+        self._closing = False
+        self._purge: Optional[threading.Event] = None
+        self._failure: Optional[EngineError] = None
+        #: Prompt tokens evaluated and taken from the cache, and decode steps (for tests and logs).
+        self.stats = {"prompt_evaluated": 0, "prompt_reused": 0, "steps": 0, "max_running": 0}
+        self._thread = threading.Thread(target=self._run, name="llamacpp-batch", daemon=True)
+
+    # -- other threads ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._failure is not None:
+                raise self._failure
+            if self._closing:
+                raise EngineError("the llama.cpp engine is not loaded, or closed")
+            self._pending.append(seq)
+            self._cond.notify()
+
+    def purge(self, timeout: float) -> None:
+        """Drop the cached cells of every sequence id not running."""
+        done = threading.Event()
+        with self._cond:
+            if self._closing or not self._thread.is_alive():
+                return
+            self._purge = done
+            self._cond.notify()
+        done.wait(timeout)
+
+    def close(self, timeout: float) -> bool:
+        """Stop the loop (running and waiting sequences end as cancelled); False if it is
+        still inside llama.cpp after ``timeout``."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        self._ll.llama_batch_free(self._batch)
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closing or self._pending or self._active or self._purge):
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                    admitted = self._admissible()
+                    purge, self._purge = self._purge, None
+                if purge is not None:
+                    for seq_id in self._free:
+                        self._forget(seq_id)
+                    purge.set()
+                for seq in admitted:
+                    self._start(seq)
+                for seq in [s for s in self._active if s.cancelled.is_set()]:
+                    self._finish(seq, FinishReason.cancelled)
+                if self._active:
+                    self._step()
+        except Exception as exc:  # a bug or a broken context: fail what runs, refuse the rest
+            log.exception("llama.cpp batch loop failed")
+            with self._cond:
+                self._failure = EngineError(f"the llama.cpp decode loop failed: {exc}", fatal=True)
+            for seq in list(self._active):
+                self._finish(seq, FinishReason.stop, error=self._failure)
+        finally:
+            with self._cond:
+                self._closing = True
+                waiting, self._pending = list(self._pending), deque()
+            for seq in list(self._active):
+                self._finish(seq, FinishReason.cancelled)
+            for seq in waiting:
+                seq.deliver(End(FinishReason.cancelled, self._failure))
+
+    def _admissible(self) -> list[Sequence]:
+        """Waiting sequences that may start now, in arrival order (called under the lock). A
+        sequence that must run alone waits for the batch to drain, and nothing joins it."""
+        admitted: list[Sequence] = []
+        while self._pending and len(admitted) < len(self._free):
+            seq = self._pending[0]
+            if seq.cancelled.is_set():
+                self._pending.popleft()
+                seq.deliver(End(FinishReason.cancelled))
+                continue
+            running = self._active + admitted
+            if any(s.alone for s in running) or (seq.alone and running):
+                break
+            admitted.append(self._pending.popleft())
+        return admitted
+
+    def _start(self, seq: Sequence) -> None:
+        try:
+            tokens = self._tokenize(seq.prompt)
+        except Exception as exc:
+            seq.deliver(End(FinishReason.stop, EngineError(f"llama.cpp could not tokenize the prompt: {exc}",
+                                                           code=ErrorCode.INVALID_PARAMS)))
+            return
+        if not tokens or len(tokens) >= self.ctx_tokens:
+            seq.deliver(End(FinishReason.stop, EngineError(
+                f"the prompt is {len(tokens)} tokens; this pool's context holds {self.ctx_tokens} tokens of "
+                f"prompt and output together, so send a prompt of 1 to {self.ctx_tokens - 1} tokens",
+                code=ErrorCode.INVALID_PARAMS)))
+            return
+        seq.tokens = tokens
+        if seq.alone and self.unified:  # the same cells, chunks and neighbours (none) every time
+            self._ll.llama_memory_clear(self._mem, True)
+            self._cached = [[] for _ in range(self.slots)]
+        reuse = self.prefix_cache and seq.params.reuse_prefix and not seq.alone
+        seq.seq_id, seq.n_past = self._place(tokens, reuse)
+        self.stats["prompt_reused"] += seq.n_past
+        self.stats["prompt_evaluated"] += len(tokens) - seq.n_past
+        banned = self._eog_tokens() if getattr(seq.params, "ignore_eos", False) else ()
+        seq.sampler = sampler_chain(self._ll, seq.params, self._n_vocab, banned)
+        seq.stream = TextStream(seq.params.stop)
+        self._active.append(seq)
+        self.stats["max_running"] = max(self.stats["max_running"], len(self._active))
+
+    def _place(self, tokens: list[int], reuse: bool) -> tuple[int, int]:
+        """A free sequence id for ``tokens`` and how many of them its cells already hold."""
+        limit = len(tokens) - 1  # the last prompt token is always read: its logits start the output
+
+        def common(seq_id: int) -> int:
+            count = 0
+            for a, b in zip(self._cached[seq_id], tokens[:limit]):
+                if a != b:
+                    break
+                count += 1
+            return count
+
+        if not reuse:
+            seq_id = min(self._free, key=lambda s: len(self._cached[s]))
+            self._free.remove(seq_id)
+            self._forget(seq_id)
+            return seq_id, 0
+        matches = {s: common(s) for s in self._free}
+        seq_id = max(self._free, key=lambda s: (matches[s], -len(self._cached[s])))
+        self._free.remove(seq_id)
+        kept = matches[seq_id]
+        running = [s.seq_id for s in self._active]
+        source = max(running, key=common, default=None) if self.unified else None
+        if source is not None and common(source) > kept:
+            kept = common(source)
+            self._forget(seq_id)
+            self._ll.llama_memory_seq_cp(self._mem, source, seq_id, 0, kept)
+            self._cached[seq_id] = self._cached[source][:kept]
+            return seq_id, kept
+        if not self._ll.llama_memory_seq_rm(self._mem, seq_id, kept, -1):
+            self._forget(seq_id)
+            return seq_id, 0
+        del self._cached[seq_id][kept:]
+        return seq_id, kept
+
+    def _forget(self, seq_id: int) -> None:
+        self._ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
+        self._cached[seq_id] = []
+
+    def _eog_tokens(self) -> tuple[int, ...]:
+        if self._eog is None:
+            is_eog = self._ll.llama_vocab_is_eog
+            self._eog = tuple(t for t in range(self._n_vocab) if is_eog(self._vocab, t))
+        return self._eog
+
+    # -- one step ------------------------------------------------------------------------------
+    def _step(self) -> None:
+        batch, n = self._batch, 0
+        samples: list[tuple[Sequence, int]] = []
+        fed: list[tuple[Sequence, list[int]]] = []
+
+        def add(token: int, seq: Sequence, pos: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, logits
+            batch.seq_id[n][0] = seq.seq_id
+            if logits:
+                samples.append((seq, n))
+            n += 1
+
+        for seq in self._active:
+            if not seq.prefilling:
+                add(seq.next_token, seq, seq.n_past, True)
+                fed.append((seq, [seq.next_token]))
+        for seq in self._active:
+            if not seq.prefilling or n >= self.chunk or self._prefill_blocked:
+                continue
+            part = seq.tokens[seq.n_past:seq.n_past + self.chunk - n]
+            last = len(seq.tokens) - 1
+            for offset, token in enumerate(part):
+                add(token, seq, seq.n_past + offset, seq.n_past + offset == last)
+            fed.append((seq, part))
+        if n == 0:  # only prompts, blocked: a step without them frees nothing
+            self._prefill_blocked = False
+            return
+        batch.n_tokens = n
+        self.stats["steps"] += 1
+        code = self._ll.llama_decode(self._ctx, batch)
+        if code != 0:
+            self._decode_failed(code, fed)
+            return
+        for seq, part in fed:
+            seq.n_past += len(part)
+            self._cached[seq.seq_id].extend(part)
+        for seq, index in samples:
+            self._accept(seq, self._ll.llama_sampler_sample(seq.sampler, self._ctx, index))
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        seq.generated += 1
+        if self._ll.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq, FinishReason.stop, seq.stream.flush())
+            return
+        text, stopped = seq.stream.push(self._token_bytes(token))
+        if stopped:
+            self._finish(seq, FinishReason.stop, text)
+        elif seq.generated >= seq.params.max_tokens or seq.n_past >= self.ctx_tokens:
+            self._finish(seq, FinishReason.length, text + seq.stream.flush())
+        else:
+            if text:
+                seq.deliver(text)
+            seq.next_token = token
+
+    def _token_bytes(self, token: int) -> bytes:
+        size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        if size < 0:  # longer than the buffer: grow it once for this and later tokens
+            self._piece = ctypes.create_string_buffer(-size)
+            size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:size]
+
+    def _finish(self, seq: Sequence, finish: FinishReason, text: str = "",
+                error: Optional[EngineError] = None) -> None:
+        if text:
+            seq.deliver(text)
+        seq.deliver(End(finish, error))
+        self._active.remove(seq)
+        self._prefill_blocked = False
+        if seq.sampler is not None:
+            self._ll.llama_sampler_free(seq.sampler)
+            seq.sampler = None
+        if error is not None or not self.prefix_cache:
+            self._forget(seq.seq_id)
+        self._free.append(seq.seq_id)
+
+    def _decode_failed(self, code: int, fed: list[tuple[Sequence, list[int]]]) -> None:
+        """``llama_decode`` refused the batch. 1 (no free cells; the cache is left as it was):
+        drop idle cached cells, else hold prompts back until a sequence ends, else refuse the
+        prompts (or the longest sequence) with a retriable error. Anything else is fatal."""
+        if code == 1:
+            idle = [s for s in self._free if self._cached[s]]
+            if idle:
+                for seq_id in idle:
+                    self._forget(seq_id)
+                return
+            prompts = [seq for seq, _ in fed if seq.prefilling]
+            if prompts and len(prompts) < len(fed) and not self._prefill_blocked:
+                self._prefill_blocked = True
+                return
+            victims = prompts or [max((seq for seq, _ in fed), key=lambda s: s.n_past)]
+            for seq in victims:
+                self._finish(seq, FinishReason.stop, error=EngineError(
+                    f"the llama.cpp KV cache ({self._ll.llama_n_ctx(self._ctx)} cells) is full; retry shortly, or "
+                    "give the pool more cells (engine_options.kv_size, default slots x ctx)",
+                    code=ErrorCode.ADMISSION_REJECT))
+            return
+        failure = EngineError(f"llama_decode failed with code {code}", fatal=code < 0)
+        for seq in list(self._active):
+            self._finish(seq, FinishReason.stop, error=failure)
+        self._ll.llama_memory_clear(self._mem, True)
+        self._cached = [[] for _ in range(self.slots)]

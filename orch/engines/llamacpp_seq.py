@@ -1,0 +1,123 @@
+"""One sequence of the batched llama.cpp engine: its sampler chain, text and stop state.
+
+The sampler chain is the one llama-cpp-python's ``Llama`` builds for a completion (penalties,
+top-k, typical, top-p, min-p, temperature, then a seeded draw; greedy at temperature 0), so
+a request samples the same way in both engines. Each sequence owns its chain: the seeded
+generator and the penalty history advance only with that sequence's tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from orch.api.events import FinishReason
+from orch.engines.base import EngineError, GenerationParams
+
+#: llama.cpp seeds are 32-bit; wider request seeds are folded by modulo.
+SEED_MODULUS = 2**32
+#: Defaults of llama-cpp-python's completion for what the pool's parameters do not carry.
+DEFAULT_MIN_P = 0.05
+PENALTY_LAST_N = 64
+
+
+@dataclass(frozen=True)
+class End:
+    """The last item a sequence delivers: why it stopped, or the failure."""
+
+    finish: FinishReason
+    error: Optional[EngineError] = None
+
+
+def sampler_chain(llama_cpp: Any, params: GenerationParams, n_vocab: int, banned: tuple[int, ...] = ()) -> Any:
+    """A llama.cpp sampler chain for ``params``; ``banned`` tokens (end of generation under
+    ``ignore_eos``) get a -inf bias. Freed with ``llama_sampler_free``."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: Any) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+    if banned:
+        biases = (llama_cpp.llama_logit_bias * len(banned))()
+        for index, token in enumerate(banned):
+            biases[index].token = token
+            biases[index].bias = float("-inf")
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned), biases))
+    add(llama_cpp.llama_sampler_init_penalties(
+        n_vocab, PENALTY_LAST_N, _param(params, "repetition_penalty", 1.0), _param(params, "frequency_penalty", 0.0),
+        _param(params, "presence_penalty", 0.0)))
+    if params.temperature <= 0.0:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    add(llama_cpp.llama_sampler_init_top_k(params.top_k))
+    add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+    add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+    add(llama_cpp.llama_sampler_init_min_p(_param(params, "min_p", DEFAULT_MIN_P), 1))
+    add(llama_cpp.llama_sampler_init_temp(params.temperature))
+    add(llama_cpp.llama_sampler_init_dist(params.seed % SEED_MODULUS))
+    return chain
+
+
+def _param(params: GenerationParams, name: str, default: float) -> float:
+    """A sampling parameter the request may carry (None or absent: llama-cpp-python's default)."""
+    value = getattr(params, name, None)
+    return default if value is None else float(value)
+
+
+class TextStream:
+    """Token bytes to text: holds back an unfinished UTF-8 character and any tail that may be
+    the start of a stop string, and cuts the text where a stop string begins."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self._held = ""
+
+    def push(self, piece: bytes) -> tuple[str, bool]:
+        """Text that may leave now, and whether a stop string ended the generation."""
+        held = self._held + self._decoder.decode(piece)
+        cuts = [index for index in (held.find(s) for s in self.stop) if index >= 0]
+        if cuts:
+            self._held = ""
+            return held[:min(cuts)], True
+        keep = 0
+        for s in self.stop:
+            for length in range(min(len(s) - 1, len(held)), keep, -1):
+                if held.endswith(s[:length]):
+                    keep = length
+                    break
+        self._held = held[len(held) - keep:] if keep else ""
+        return held[:len(held) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held + self._decoder.decode(b"", final=True)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request inside the batched engine. The scheduler thread owns every field but
+    ``cancelled``, which any thread may set to stop it at the next step."""
+
+    prompt: str
+    params: GenerationParams
+    #: Receives each text piece, then one ``End``; called on the scheduler thread.
+    deliver: Callable[[Any], None]
+    #: Run alone in a cleared cache (``determinism: strict``): same text whatever else runs.
+    alone: bool = False
+    tokens: list[int] = field(default_factory=list)
+    seq_id: int = -1
+    #: Tokens of ``tokens`` whose keys and values are in the cache (positions 0..n_past-1).
+    n_past: int = 0
+    generated: int = 0
+    #: The token sampled last, fed at the next step; None while the prompt is read.
+    next_token: Optional[int] = None
+    sampler: Any = None
+    stream: Optional[TextStream] = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.next_token is None
