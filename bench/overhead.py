@@ -72,6 +72,10 @@ PROMPT = "Once upon a time"
 SEED = 1234
 TEMPERATURE, TOP_P, TOP_K = 0.8, 0.95, 40
 CTX = 2048
+#: The measured pool runs the engine bare runs (llama-cpp-python's ``Llama``, one context per
+#: slot), each generation from a clean context as bare does; the batched engine is measured
+#: against llama.cpp's own server in vs_llama_server.py.
+SAME_ENGINE_AS_BARE = {"batching": False, "prefix_cache": False}
 ZERO_PATH = "orch /v2/tasks, mock engine (0 ms)"
 IN_PROCESS = "pool in process (no Ray, no HTTP)"
 CACHED_MODEL = "smollm2-cached"
@@ -422,7 +426,7 @@ def main() -> int:
 
         async def in_process_phase() -> list[Level]:
             pool = PoolInProcess(smollm2_pool(threads=threads, capacity=capacity, ctx=CTX,
-                                              engine_options={"prefix_cache": False}), max_tokens)
+                                              engine_options=SAME_ENGINE_AS_BARE), max_tokens)
             await pool.start()
             try:
                 return await run_levels(IN_PROCESS, levels, per_level, lambda: pool.one, max_seconds, pool.one)
@@ -437,9 +441,9 @@ def main() -> int:
         # The measured pool starts every generation from a clean context, as bare does (the
         # same work); a second one keeps its prompt-prefix cache (the default) for the chat
         # route, whose templated prompt shares its system part between requests.
-        pools = [smollm2_pool(threads=threads, capacity=capacity, ctx=CTX, engine_options={"prefix_cache": False}),
+        pools = [smollm2_pool(threads=threads, capacity=capacity, ctx=CTX, engine_options=SAME_ENGINE_AS_BARE),
                  smollm2_pool("cached", threads=threads, capacity=capacity, ctx=CTX, num_cpus=0.5,
-                              model_aliases=[CACHED_MODEL]),
+                              model_aliases=[CACHED_MODEL], engine_options={"batching": False}),
                  mock_pool("zero", slots=1, capacity=64, tokens_per_s=0)]
         from bench.proxy_app import serve_app
 

@@ -48,7 +48,10 @@ def serve_port(ray_session) -> int:
 
 
 def home_config(**pool_overrides: Any) -> dict[str, Any]:
-    """configs/home.yaml as a dict, with the default pool's fields overridden."""
+    """configs/home.yaml as a dict, with the default pool's fields overridden. Its pool has
+    one slot unless ``slots`` says otherwise (home.yaml's 8 run together, and the queueing,
+    backpressure and fault tests need a slot that is busy); tests of the shipped default
+    itself read home.yaml (tests/e2e)."""
     import yaml
 
     from orch.config import project_root
@@ -56,9 +59,18 @@ def home_config(**pool_overrides: Any) -> dict[str, Any]:
     data = yaml.safe_load((project_root() / "configs" / "home.yaml").read_text())
     data.pop("namespace", None)  # each deployment gets its own (see ``deploy``)
     pool = data["pools"][0]
+    pool["slots"] = 1
     for key, value in pool_overrides.items():
         pool[key] = value
     return data
+
+
+def openai_sdk(client: httpx.Client, timeout_s: float = 60.0):
+    """The official openai client on a deployed app's /v1 (no retries: a test sees every answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{str(client.base_url).rstrip('/')}/v1", api_key="unused", max_retries=0,
+                         timeout=timeout_s)
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, every_s: float = 0.1) -> Any:

@@ -20,6 +20,9 @@ class PoolCounters(BaseModel):
     purged: int = 0
     reloads: int = 0
     reload_rollbacks: int = 0
+    #: Prompt tokens admitted that the engine probably had cached, and those it had not.
+    prefix_hit_tokens: int = 0
+    prefix_miss_tokens: int = 0
 
 
 class PoolMetrics(BaseModel):

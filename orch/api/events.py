@@ -51,11 +51,43 @@ class SSEStarted(EventPayload):
     engine_version: str
     seed: Optional[int] = Field(default=None, description="the sampling seed; absent for embeddings")
     prompt_tokens: int = Field(ge=0)
+    placement: Optional[dict[str, Any]] = Field(default=None, description=(
+        "why placement chose this pool: reason, overlap_tokens (prompt tokens it probably had cached) and "
+        "alternatives (each candidate's pool_id, score_ms, overlap_tokens, expected_wait_ms), best first"))
+
+
+class SSEAlternative(BaseModel):
+    token: str
+    logprob: float
+
+
+class SSETokenLogprob(BaseModel):
+    """One token's log-probability (``logprobs`` / ``prompt_logprobs`` of the request)."""
+
+    token: str
+    logprob: Optional[float] = Field(description="null for the prompt's first token, which nothing predicts")
+    bytes: list[int] = Field(default_factory=list, description="the token's raw bytes")
+    top: list[SSEAlternative] = Field(default_factory=list, description="the likeliest tokens here, likeliest first")
 
 
 class SSEToken(EventPayload):
+    """Generated text: ``t`` holds one or more tokens, ``i`` is the index of its first one."""
+
     t: str
     i: int = Field(ge=0)
+    logprobs: Optional[list[SSETokenLogprob]] = Field(
+        default=None, description="with logprobs asked: one entry per token of t")
+    prompt_logprobs: Optional[list[SSETokenLogprob]] = Field(
+        default=None, description="with prompt_logprobs asked: the prompt's tokens, on one event with empty t "
+                                  "before any output (it counts no output token)")
+
+    def payload(self) -> dict[str, Any]:
+        """Null logprobs stay on the wire (the prompt's first token has none)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for key in ("logprobs", "prompt_logprobs"):
+            if getattr(self, key) is not None:
+                data[key] = [entry.model_dump(mode="json") for entry in getattr(self, key)]
+        return data
 
 
 #: Fields of ``metrics`` sent even when null.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 #: Version of the HTTP API; equals the OpenAPI document's ``info.version``.
 API_VERSION = "2.1.0"
@@ -21,6 +21,9 @@ class PoolCapabilities(BaseModel):
     slots: int
     workloads: list[str]
     features: list[str]
+    #: The request parameters its engine honours (orch.core.engine_features); a request
+    #: setting any other is refused with a 400 naming it.
+    parameters: list[str] = Field(default_factory=list)
 
 
 class Capabilities(BaseModel):

@@ -99,6 +99,12 @@ class PoolView:
     #: tokens) may have changed: the ingress refetches the detail only then.
     model_version: int = 0
     has_chat_template: bool = False
+    #: Chained block hashes of the prompts the pool's engine probably holds (orch/core/prefix.py,
+    #: packed 8 bytes each, bounded), its measured prefill time per uncached prompt token (ms;
+    #: 0 unknown) and prompt bytes per token (0 unknown): prefix-aware placement's input.
+    prefix_hashes: bytes = b""
+    prefill_ms_per_token: float = 0.0
+    bytes_per_token: float = 0.0
 
     @property
     def held(self) -> bool:
@@ -181,6 +187,10 @@ class TaskContext:
     """What the ingress knew at admission, for the task's ``metrics`` frames (ids and numbers)."""
 
     kv_warmth: bool = False
+    #: The prompt's chained block hashes (the pool records them as cached) and why placement
+    #: chose this pool (``PlacementDecision.explain()``, shown in the ``started`` event).
+    prefix_chain: tuple[int, ...] = ()
+    placement: Optional[dict[str, Any]] = None
     #: Budgets left to the session (None without budgets), and prices per 1k tokens.
     budgets: Optional[dict[str, Any]] = None
     prices: Optional[dict[str, float]] = None
@@ -212,11 +222,26 @@ TaskEvent = tuple[int, str, dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class TaskMarks:
+    """A task's times inside its pool (``time.monotonic()`` on the pool's host), sent with
+    the page that carries its first token: the ingress splits a request's first-token time
+    into queue, engine and orchestrator from them (durations on one clock each)."""
+
+    admitted_at: float
+    started_at: Optional[float]
+    first_token_at: Optional[float]
+    #: When the page carrying the first token left the pool.
+    sent_at: float
+
+
+@dataclass(frozen=True)
 class PollResult:
     events: tuple[TaskEvent, ...] = ()
     done: bool = False
     #: The task is not (or no longer) in this pool.
     error: Optional[PoolError] = None
+    #: Set on the page that carries the task's first token.
+    marks: Optional[TaskMarks] = None
 
 
 @dataclass(frozen=True)

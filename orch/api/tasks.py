@@ -10,11 +10,12 @@ changes behaviour.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Optional
+from typing import Any, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from orch.api.preparation import Preparation
+from orch.api.sampling import MAX_CONSTRAINT_CHARS, MAX_TOP_LOGPROBS, logit_bias_pairs, schema_text
 
 #: Largest seed accepted (int64, as in the seed contract). Engines with a narrower seed
 #: type fold it deterministically (see each engine).
@@ -104,12 +105,21 @@ class TaskRequest(BaseModel):
     in the ``started`` event, ``temperature`` 0.8, ``top_p`` 0.95, ``top_k`` 40, ``min_p`` and
     ``repetition_penalty`` the engine's own (vLLM's rules: ``min_p`` in [0, 1],
     ``repetition_penalty`` above 0 with 1 meaning off), ``ignore_eos`` false.
+
+    Output shaping: ``presence_penalty`` / ``frequency_penalty`` in [-2, 2], ``typical_p`` in
+    (0, 1], ``logit_bias`` keyed by token id, ``min_tokens`` (at most ``max_tokens``),
+    ``logprobs`` (each token's logprob with that many alternatives, 0-20, on the ``token``
+    events), ``prompt_logprobs`` (the prompt's tokens likewise, on one ``token`` event with
+    empty ``t`` before any output; ``max_tokens`` may then be 0), ``json_schema`` (a JSON
+    Schema, as an object or its JSON text) or ``grammar`` (GBNF). A field the chosen pool's
+    engine cannot honour is refused naming the field and the engine. ``user`` is recorded in
+    the logs and the transcript only.
     """
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False)
 
     prompt: str = Field(min_length=1, max_length=4_000_000)
-    max_tokens: int = Field(ge=1, le=MAX_TOKENS_CEILING)
+    max_tokens: int = Field(ge=0, le=MAX_TOKENS_CEILING)
     task_id: Optional[str] = Field(default=None, pattern=ID_PATTERN)
     session_id: Optional[str] = Field(default=None, pattern=ID_PATTERN)
     workload: Workload = Workload.completion
@@ -132,6 +142,16 @@ class TaskRequest(BaseModel):
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0, allow_inf_nan=False)
     ignore_eos: bool = False
     stop: list[str] = Field(default_factory=list, max_length=16)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    typical_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    logit_bias: Optional[dict[str, Any]] = None
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS_CEILING)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    json_schema: Optional[Union[dict[str, Any], str]] = None
+    grammar: Optional[str] = Field(default=None, min_length=1, max_length=MAX_CONSTRAINT_CHARS)
+    user: Optional[str] = Field(default=None, max_length=512)
 
     @field_validator("stop")
     @classmethod
@@ -139,6 +159,40 @@ class TaskRequest(BaseModel):
         if any(not s for s in value):
             raise ValueError("stop sequences must be non-empty strings")
         return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        return {str(token): bias for token, bias in logit_bias_pairs(value)} or None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: Optional[Union[dict[str, Any], str]]) -> Optional[str]:
+        """Checked against the JSON Schema meta-schema here, so no engine sees a broken one."""
+        return schema_text(value)
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_within_max(cls, value: int, info: ValidationInfo) -> int:
+        if value > info.data.get("max_tokens", value):
+            raise ValueError(f"min_tokens {value} exceeds max_tokens {info.data['max_tokens']}")
+        return value
+
+    @field_validator("grammar")
+    @classmethod
+    def _one_constraint(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is not None and info.data.get("json_schema") is not None:
+            raise ValueError("json_schema and grammar cannot be combined; send one of them")
+        return value
+
+    @model_validator(mode="after")
+    def _output_shape(self) -> "TaskRequest":
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise ValueError("max_tokens must be at least 1 (0 only with prompt_logprobs, to score the prompt)")
+        return self
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return logit_bias_pairs(self.logit_bias)
 
     @model_validator(mode="after")
     def _workload_supported(self) -> "TaskRequest":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import (
     Field,
@@ -51,7 +51,8 @@ class PoolConfig(Strict):
     #: Context per slot; defaults to the model's trained context, capped at 4096.
     ctx: Optional[int] = Field(default=None, ge=64)
     max_tokens_out: Optional[int] = Field(default=None, ge=1)
-    #: CPU threads per slot (llama.cpp); defaults to the pool's num_cpus, at least 1.
+    #: CPU threads of the engine (llama.cpp, and OpenMP for llama.cpp and vLLM); default: the CPUs
+    #: Ray granted the pool actor (its num_cpus), at least 1.
     threads: Optional[int] = Field(default=None, ge=1, le=512)
     queue: QueueConfig = QueueConfig()
     #: Engine-specific settings (llama.cpp: n_batch, flash_attn...; mock: tokens_per_s,
@@ -101,6 +102,10 @@ class ServerConfig(Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     #: Seconds the ingress trusts its pool snapshot before refreshing it.
     snapshot_ttl_s: float = Field(default=0.25, gt=0, le=60)
+    #: How placement ranks the pools that may take a task: ``prefix`` (expected wait minus the
+    #: prefill a pool's cached prefix of the prompt saves), ``least_loaded`` (the same without
+    #: the prefix), ``round_robin`` (by id, a baseline). Pins, avoid lists and masks apply to all.
+    placement: Literal["prefix", "least_loaded", "round_robin"] = "prefix"
     #: Ingress replicas; any replica can stream or cancel any task.
     num_replicas: int = Field(default=1, ge=1, le=64)
     #: CPUs Ray reserves for each ingress replica (it relays; it does not compute).

@@ -15,6 +15,11 @@ end-of-generation tokens already; the text of the model's ``eos_token`` (``<|im_
 the fallback) is added as a stop string as well, for engines or models where that token
 comes out as plain text.
 
+Tool-calling turns render through the template too: an assistant message's ``tool_calls``
+(``arguments`` decoded into an object, as templates write them with ``tojson``) and ``tool``
+messages with their ``tool_call_id`` (and the called function's ``name``). How tools are
+offered is ``orch.core.tools``.
+
 Plain Python, no Ray: the ingress renders, the pool only ever sees a prompt.
 """
 
@@ -32,11 +37,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 #: Roles a conversation may use. ``developer`` (OpenAI's newer name for the system role) is
 #: rendered as ``system``, which is what chat templates know.
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}
-#: Message keys that ask for behaviour this orchestrator does not have (tool calling,
-#: audio); a message carrying one with a value is refused rather than half-honoured.
-UNSUPPORTED_MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id", "audio")
+#: Message keys that ask for behaviour this orchestrator does not have (the legacy
+#: ``function_call``, audio); a message carrying one with a value is refused rather than
+#: half-honoured.
+UNSUPPORTED_MESSAGE_KEYS = ("function_call", "audio")
+MAX_TOOL_CALLS = 128
 #: Text content parts are joined with this, as other OpenAI-compatible servers do.
 PART_SEPARATOR = "\n"
 MAX_MESSAGES = 4096
@@ -89,22 +96,75 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(role, str):
             raise ChatError(f"{where}.role is required and must be a string", f"{where}.role")
         if role not in ROLES:
-            hint = " (tool calling is not supported)" if role in ("tool", "function") else ""
+            hint = " (the legacy 'function' role: send 'tool' messages)" if role == "function" else ""
             raise ChatError(f"{where}.role '{role}' is not supported{hint}; use one of: {', '.join(ROLES)}",
                             f"{where}.role")
         for key in UNSUPPORTED_MESSAGE_KEYS:
             if message.get(key):
-                raise ChatError(f"{where}.{key} is not supported: this server does not do tool calling or audio",
-                                f"{where}.{key}")
+                hint = "; use tool_calls" if key == "function_call" else ""
+                raise ChatError(f"{where}.{key} is not supported{hint}", f"{where}.{key}")
+        calls = _tool_calls(message.get("tool_calls"), f"{where}.tool_calls") if role == "assistant" else []
+        content = message.get("content")
         item: dict[str, Any] = {"role": ROLE_ALIASES.get(role, role),
-                                "content": _content_text(message.get("content"), f"{where}.content")}
+                                "content": "" if content is None and calls else _content_text(content, f"{where}.content")}
         name = message.get("name")
         if name is not None:
             if not isinstance(name, str):
                 raise ChatError(f"{where}.name must be a string", f"{where}.name")
             item["name"] = name
+        if calls:
+            item["tool_calls"] = calls
+        if role == "tool":
+            _tool_result(item, message.get("tool_call_id"), where, normalized)
         normalized.append(item)
     return normalized
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's calls as templates read them: ``arguments`` as an object."""
+    if calls is None:
+        return []
+    if not isinstance(calls, (list, tuple)) or len(calls) > MAX_TOOL_CALLS:
+        raise ChatError(f"{where} must be a list of at most {MAX_TOOL_CALLS} tool calls", where)
+    out = []
+    for index, call in enumerate(calls):
+        at = f"{where}[{index}]"
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping):
+            raise ChatError(f"{at} must be an object like {{\"id\": ..., \"type\": \"function\", "
+                            f"\"function\": {{\"name\": ..., \"arguments\": \"{{...}}\"}}}}", at)
+        if call.get("type", "function") != "function":
+            raise ChatError(f"{at}.type must be 'function'", f"{at}.type")
+        call_id, name = call.get("id"), function.get("name")
+        if not isinstance(call_id, str) or not call_id:
+            raise ChatError(f"{at}.id is required: the id that the tool message answering it repeats", f"{at}.id")
+        if not isinstance(name, str) or not name:
+            raise ChatError(f"{at}.function.name is required and must be a string", f"{at}.function.name")
+        arguments = function.get("arguments", "{}")
+        if not isinstance(arguments, str):
+            raise ChatError(f"{at}.function.arguments must be a string of JSON", f"{at}.function.arguments")
+        try:
+            decoded: Any = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            decoded = arguments  # kept as the model wrote it; the template shows it as text
+        out.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": decoded}})
+    return out
+
+
+def _tool_result(item: dict[str, Any], call_id: Any, where: str, earlier: list[dict[str, Any]]) -> None:
+    """A ``tool`` message names the call it answers; templates also read the function's name."""
+    if not isinstance(call_id, str) or not call_id:
+        raise ChatError(f"{where}.tool_call_id is required: the id of the assistant's tool call this answers",
+                        f"{where}.tool_call_id")
+    item["tool_call_id"] = call_id
+    if "name" not in item:
+        for message in reversed(earlier):
+            for call in message.get("tool_calls", ()):
+                if call["id"] == call_id:
+                    item["name"] = call["function"]["name"]
+                    break
+            if "name" in item:
+                break
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -138,7 +198,17 @@ def render_chat(
     Raises ChatError for messages the client must fix (including a template's own
     ``raise_exception``), ChatTemplateError for a template that does not compile.
     """
-    normalized = normalize_messages(messages)
+    return render_messages(normalize_messages(messages), template, special_tokens)
+
+
+def render_messages(
+    normalized: list[dict[str, Any]],
+    template: Optional[str] = None,
+    special_tokens: Optional[Mapping[str, str]] = None,
+    tools: Optional[list[dict[str, Any]]] = None,
+) -> RenderedChat:
+    """``render_chat`` for messages already normalized; ``tools`` (OpenAI's shape) are given
+    to the template, which decides how the model sees them."""
     special = {k: v for k, v in (special_tokens or {}).items() if isinstance(v, str)}
     if not template:
         prompt = "".join(FALLBACK_FORMAT.format(role=m["role"], content=m["content"]) for m in normalized)
@@ -148,6 +218,7 @@ def render_chat(
         prompt = compiled.render(
             messages=normalized,
             add_generation_prompt=True,
+            **({"tools": tools} if tools else {}),
             bos_token=special.get("bos_token", ""),
             eos_token=special.get("eos_token", ""),
             **{k: v for k, v in special.items() if k not in ("bos_token", "eos_token")},

@@ -6,20 +6,60 @@ are never chosen. Among candidates that can start the task now the order is: mos
 VRAM, then least work (active slots plus queued tasks), then pool id; when all are busy,
 the shortest expected wait (queue x measured task time) wins, so the same snapshot always gives the same answer. A session stays on the pool
 that served its last turn while that pool is a candidate.
+
+Prefix-aware (``policy="prefix"``, the default): a request's prompt comes with its chained
+block hashes (orch/core/prefix.py) and each candidate's score is its expected wait minus the
+prefill its cached prefix would save (overlap tokens x the pool's measured prefill time
+per token). The lowest score wins; equal scores fall to the order above, so with no shared
+prefix the choice is exactly least-loaded's. Pins, avoid lists, device masks and preferred
+pools narrow the candidates first: overlap only ranks what they allow. Each decision says
+why (``reason``, one of ``REASONS``) with every candidate's score.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Iterable, Optional, Sequence
 
 from orch.api.errors import ErrorCode
 from orch.api.pools import PoolView
 from orch.api.tasks import PlacementMode, PlacementOverrides
 from orch.core.errors import OrchError
 from orch.core.model_ref import display_name
+from orch.core.prefix import BLOCK_BYTES, overlap_blocks, unpack
 
-__all__ = ["PlacementDecision", "PoolView", "best", "place", "preparing_pool", "rank_key"]
+__all__ = ["PlacementDecision", "PoolView", "POLICIES", "REASONS", "Scored", "best", "place", "preparing_pool",
+           "rank_key"]
+
+#: Placement policies (``server.placement``): prefix-aware, today's least-loaded order, or
+#: round-robin over the candidates by id (a benchmark baseline).
+POLICIES = ("prefix", "least_loaded", "round_robin")
+#: Why a pool was chosen: the bounded values of ``placement_decisions_total{reason}``.
+REASONS = ("pinned", "session_affinity", "preferred", "fallback", "prefix_overlap", "least_loaded", "round_robin")
+#: Overlaps shorter than this many blocks are ignored: a chat template's first line is in
+#: every warm pool's cache and would only pull work toward whichever pool ran anything.
+MIN_OVERLAP_BLOCKS = 2
+#: Bytes per token and prefill milliseconds per token assumed for a pool that has not
+#: measured its own yet.
+DEFAULT_BYTES_PER_TOKEN = 4.0
+DEFAULT_PREFILL_MS_PER_TOKEN = 0.5
+#: Alternatives recorded with a decision, at most.
+MAX_ALTERNATIVES = 8
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One candidate's score: expected wait minus the prefill its cache saves (ms)."""
+
+    pool_id: str
+    score_ms: float
+    overlap_tokens: int
+    expected_wait_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pool_id": self.pool_id, "score_ms": self.score_ms, "overlap_tokens": self.overlap_tokens,
+                "expected_wait_ms": self.expected_wait_ms}
 
 
 @dataclass(frozen=True)
@@ -29,6 +69,28 @@ class PlacementDecision:
     fallback: bool = False
     session_affinity: bool = False
     candidates_considered: int = 0
+    #: One of ``REASONS``.
+    reason: str = "least_loaded"
+    #: Prompt tokens the chosen pool probably holds (estimated from the shared bytes).
+    overlap_tokens: int = 0
+    #: The candidates' scores, best first (at most ``MAX_ALTERNATIVES``; empty when no
+    #: ranking was needed: pinned to one pool, session affinity).
+    alternatives: tuple[Scored, ...] = field(default=(), compare=False)
+
+    def explain(self) -> dict[str, Any]:
+        """Why this pool (plain data, for the task's ``started`` event)."""
+        return {"reason": self.reason, "overlap_tokens": self.overlap_tokens,
+                "alternatives": [a.to_dict() for a in self.alternatives]}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What placement knows of a prompt: its chained block hashes (orch/core/prefix.py)."""
+
+    chain: tuple[int, ...] = ()
+    #: Placement policy (one of ``POLICIES``) and the ingress's decision counter (round-robin).
+    policy: str = "prefix"
+    turn: int = 0
 
 
 def rank_key(pool: PoolView, by_vram: bool = True) -> tuple[int, float, int, str]:
@@ -55,6 +117,40 @@ def best(pools: Iterable[PoolView]) -> PoolView:
     return min(pools, key=lambda p: rank_key(p, by_vram))
 
 
+@lru_cache(maxsize=256)
+def _held(report: bytes) -> frozenset[int]:
+    return unpack(report)
+
+
+def score(pool: PoolView, prompt: Prompt) -> Scored:
+    """``pool``'s expected wait minus the prefill its cached prefix of ``prompt`` saves."""
+    blocks = overlap_blocks(prompt.chain, _held(pool.prefix_hashes)) if pool.prefix_hashes and prompt.chain else 0
+    tokens = int(blocks * BLOCK_BYTES / (pool.bytes_per_token or DEFAULT_BYTES_PER_TOKEN))
+    saved = 0.0
+    if prompt.policy == "prefix" and blocks >= MIN_OVERLAP_BLOCKS:
+        saved = tokens * (pool.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN)
+    wait = pool.expected_wait_ms
+    return Scored(pool.pool_id, round(wait - saved, 3), tokens, round(wait, 3))
+
+
+def choose(pools: Sequence[PoolView], prompt: Prompt) -> tuple[PoolView, str, int, tuple[Scored, ...]]:
+    """The best of ``pools`` for ``prompt``: (pool, reason, overlap tokens, scores best first)."""
+    by_vram = all(p.vram_free_bytes is not None for p in pools if p.can_start_now)
+    scored = {p.pool_id: score(p, prompt) for p in pools}
+    if prompt.policy == "round_robin":
+        ordered = sorted(pools, key=lambda p: p.pool_id)
+        chosen = ordered[prompt.turn % len(ordered)]
+        ranked = [chosen] + [p for p in ordered if p is not chosen]
+        reason = "round_robin"
+    else:
+        ranked = sorted(pools, key=lambda p: (scored[p.pool_id].score_ms, rank_key(p, by_vram)))
+        chosen = ranked[0]
+        saved = scored[chosen.pool_id].expected_wait_ms - scored[chosen.pool_id].score_ms
+        reason = "prefix_overlap" if saved > 0 else "least_loaded"
+    alternatives = tuple(scored[p.pool_id] for p in ranked[:MAX_ALTERNATIVES])
+    return chosen, reason, scored[chosen.pool_id].overlap_tokens, alternatives
+
+
 def place(
     pools: Sequence[PoolView],
     *,
@@ -63,13 +159,15 @@ def place(
     overrides: Optional[PlacementOverrides] = None,
     session_pool_id: Optional[str] = None,
     workload: str = "completion",
+    prompt: Optional[Prompt] = None,
 ) -> PlacementDecision:
     overrides = overrides or PlacementOverrides()
+    prompt = prompt or Prompt()
     wanted = _describe(engine, model_ref, workload)
     serving = [p for p in pools if p.serves(engine, model_ref, workload)]
 
     if overrides.mode == PlacementMode.pin:
-        return _place_pinned(pools, overrides, engine, model_ref, workload)
+        return _place_pinned(pools, overrides, engine, model_ref, workload, prompt)
 
     if not serving:
         known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
@@ -99,24 +197,33 @@ def place(
     ):
         for pool in candidates:
             if pool.pool_id == session_pool_id:
-                return PlacementDecision(pool.pool_id, session_affinity=True, candidates_considered=considered)
+                return PlacementDecision(pool.pool_id, session_affinity=True, candidates_considered=considered,
+                                         reason="session_affinity", overlap_tokens=score(pool, prompt).overlap_tokens)
 
     if overrides.prefer_pools:
-        return _place_preferred(pools, serving, candidates, overrides, wanted, engine)
+        return _place_preferred(pools, serving, candidates, overrides, wanted, engine, prompt)
 
-    return PlacementDecision(best(candidates).pool_id, candidates_considered=considered)
+    return _ranked(candidates, prompt, considered)
+
+
+def _ranked(pools: Sequence[PoolView], prompt: Prompt, considered: int, *, reason: Optional[str] = None,
+            **flags: bool) -> PlacementDecision:
+    chosen, why, overlap, alternatives = choose(pools, prompt)
+    return PlacementDecision(chosen.pool_id, candidates_considered=considered, reason=reason or why,
+                             overlap_tokens=overlap, alternatives=alternatives, **flags)
 
 
 def _place_preferred(pools: Sequence[PoolView], serving: list[PoolView], candidates: list[PoolView],
-                     overrides: PlacementOverrides, wanted: str, engine: Optional[str]) -> PlacementDecision:
+                     overrides: PlacementOverrides, wanted: str, engine: Optional[str],
+                     prompt: Prompt) -> PlacementDecision:
     """A preferred pool that can take the work; else a fallback when allowed, or the reason
     none of the preferred pools will do."""
     considered = len(candidates)
     preferred = [p for p in candidates if p.named(overrides.prefer_pools)]
     if preferred:
-        return PlacementDecision(best(preferred).pool_id, candidates_considered=considered)
+        return _ranked(preferred, prompt, considered, reason="preferred")
     if overrides.allow_fallback:
-        return PlacementDecision(best(candidates).pool_id, fallback=True, candidates_considered=considered)
+        return _ranked(candidates, prompt, considered, reason="fallback", fallback=True)
     named = ", ".join(overrides.prefer_pools)
     if not any(p.named(overrides.prefer_pools) for p in pools):
         known = ", ".join(sorted(p.pool_id for p in pools)) or "none"
@@ -155,7 +262,8 @@ def preparing_pool(
     if not found:
         return None
     chosen = min(found, key=lambda p: (p.queue_depth, p.pool_id))
-    return PlacementDecision(chosen.pool_id, pinned=pin is not None, candidates_considered=len(found))
+    return PlacementDecision(chosen.pool_id, pinned=pin is not None, candidates_considered=len(found),
+                             reason="pinned" if pin is not None else "least_loaded")
 
 
 def _within(pool: PoolView, overrides: PlacementOverrides) -> bool:
@@ -170,6 +278,7 @@ def _place_pinned(
     engine: Optional[str],
     model_ref: Optional[str],
     workload: str = "completion",
+    prompt: Optional[Prompt] = None,
 ) -> PlacementDecision:
     """A pin names a pool, or a replica set (then its best member); it never falls back."""
     pin = overrides.pin_pool_id
@@ -211,7 +320,7 @@ def _place_pinned(
             pool_id=pin,
             engine=pool.engine,
         )
-    return PlacementDecision(best(accepting).pool_id, pinned=True, candidates_considered=len(accepting))
+    return _ranked(accepting, prompt or Prompt(), len(accepting), reason="pinned", pinned=True)
 
 
 def _mixed_version_members(pools: Sequence[PoolView]) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,31 @@ def _refuse_external(config: PoolConfig, binding: Optional[CatalogBinding]) -> N
                           "this engine; hand it off to a pool whose engine attaches to it")
 
 
+def granted_cpus() -> Optional[float]:
+    """The CPUs Ray granted the calling actor (its ``num_cpus``, or its placement group
+    bundle's share); None outside a Ray worker. Ray is read only where it is already loaded:
+    engines are built in pool actors, and this package stays importable without Ray."""
+    ray = sys.modules.get("ray")
+    try:
+        if ray is None or not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # a driver, or a runtime context without resources: no grant to read
+        return None
+    return float(cpus) if cpus else None
+
+
+def llamacpp_threads(config: PoolConfig) -> int:
+    """llama.cpp's thread count: the config's ``threads``, else the CPUs Ray granted the pool
+    actor (rounded, at least 1). llama.cpp's threads wait for each other at every step, so
+    one more thread than the cores the pool may use stalls all of them whenever the serving
+    processes take a core."""
+    if config.threads:
+        return config.threads
+    cpus = granted_cpus()
+    return max(1, round(cpus if cpus is not None else config.num_cpus))
+
+
 def build_engine(config: PoolConfig, binding: Optional[CatalogBinding] = None) -> Engine:
     """The engine a pool config asks for, not yet loaded; ``binding`` (from the catalog, see
     orch/catalog/binding.py) names the model file to load instead of the configured ref."""
@@ -45,8 +71,8 @@ def build_engine(config: PoolConfig, binding: Optional[CatalogBinding] = None) -
     if engine == "llamacpp":
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=False) or resolve_local(config.model, base_dir=project_root())
-        threads = config.threads or max(1, int(config.num_cpus))
-        return llamacpp_engine(path, slots=config.slots, ctx=config.ctx, threads=threads, **config.engine_options)
+        return llamacpp_engine(path, slots=config.slots, ctx=config.ctx, threads=llamacpp_threads(config),
+                               **config.engine_options)
     if engine == "vllm":
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=True) or resolve_local_path(

@@ -12,12 +12,44 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from orch.api.events import FinishReason
 
-#: Called once per generated token with its text; False stops the generation.
-Emit = Callable[[str], bool]
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and, when asked, its likeliest alternatives."""
+
+    #: The token's text (an unfinished UTF-8 character decodes with replacement).
+    token: str
+    #: None for a prompt's first token, which nothing predicts.
+    logprob: Optional[float]
+    #: The token's raw bytes, for clients that join multi-byte characters themselves.
+    bytes: tuple[int, ...] = ()
+    #: (token text, logprob) of the likeliest tokens at this position, likeliest first.
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text one ``emit`` carries, how many tokens made it and, when asked, their logprobs.
+
+    A bare ``str`` passed to ``emit`` means one token and no logprobs; engines whose pieces
+    may hold several tokens (held-back stop text, vLLM deltas) pass a Piece so usage counts
+    stay exact.
+    """
+
+    text: str
+    tokens: int = 1
+    #: One entry per token when the request asked for logprobs, else empty.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    #: The prompt's own tokens (``prompt_logprobs``), emitted once before any output.
+    prompt: bool = False
+
+
+#: Called with each piece of generated text; False stops the generation.
+Emit = Callable[[Union[str, Piece]], bool]
 
 
 @dataclass(frozen=True)
@@ -39,6 +71,23 @@ class GenerationParams:
     ignore_eos: bool = False
     #: ``determinism: strict``: a batching engine runs the sequence alone, so other work cannot change its text.
     strict: bool = False
+    #: OpenAI's penalties on tokens already generated (None or 0: off).
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    #: Locally typical sampling (None or 1.0: off).
+    typical_p: Optional[float] = None
+    #: (token id, bias added to its logit); -100 bans a token, 100 all but forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: End-of-generation and stop strings are ignored until this many tokens are out.
+    min_tokens: int = 0
+    #: Logprobs of each generated token and of this many alternatives (None: no logprobs).
+    logprobs: Optional[int] = None
+    #: Logprobs of the prompt's tokens with this many alternatives, emitted first (None: none).
+    prompt_logprobs: Optional[int] = None
+    #: Output constrained to JSON valid against this JSON Schema (JSON text), or ...
+    json_schema: Optional[str] = None
+    #: ... to this GBNF grammar (llama.cpp's grammar format; vLLM's xgrammar reads it too).
+    grammar: Optional[str] = None
 
 
 class EngineError(RuntimeError):

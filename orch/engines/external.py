@@ -23,7 +23,7 @@ import httpx
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
-from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+from orch.engines.base import Emit, Engine, EngineError, GenerationParams, Piece, TokenLogprob
 
 KNOWN_OPTIONS = {"base_url", "api_key_env", "api_key_file", "upstream_model", "timeout_s", "chars_per_token"}
 _URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
@@ -97,6 +97,7 @@ class ExternalEngine(Engine):
         body.update(sampling_extensions(params))
         finish = FinishReason.length
         done = False
+        pieces = UpstreamPieces(prompt if params.prompt_logprobs is not None else None)
         try:
             with self._client.stream("POST", f"{self.base_url}/completions", json=body) as response:
                 if response.status_code != 200:
@@ -112,8 +113,7 @@ class ExternalEngine(Engine):
                     if "error" in chunk:
                         raise EngineError(f"external server error: {self._scrub(_message(chunk['error']))}")
                     choice = (chunk.get("choices") or [{}])[0]
-                    text = choice.get("text") or ""
-                    if text and not emit(text):
+                    if not all(emit(piece) for piece in pieces.of(choice)):
                         return FinishReason.cancelled  # leaving the block closes the upstream stream
                     if choice.get("finish_reason") == "stop":
                         finish = FinishReason.stop
@@ -158,17 +158,101 @@ class ExternalEngine(Engine):
 
 
 def sampling_extensions(params: GenerationParams) -> dict[str, Any]:
-    """The sampling extensions a request set, for the upstream body; unset ones are left out so
-    an upstream without them still serves the plain request. The penalty goes under vLLM's name
-    and llama-server's (``repeat_penalty``); each server ignores the other's."""
+    """The sampling extensions and output shaping a request set, for the upstream body; unset
+    ones are left out so an upstream without them still serves the plain request. Where vLLM's
+    server and llama-server name a field differently, both names go (each server ignores the
+    other's): the penalty (``repeat_penalty``), the schema (``json_schema``) and the grammar
+    (vLLM's ``structured_outputs``)."""
     body: dict[str, Any] = {}
     if params.repetition_penalty is not None:
         body["repetition_penalty"] = body["repeat_penalty"] = params.repetition_penalty
-    if params.min_p is not None:
-        body["min_p"] = params.min_p
+    for name in ("min_p", "presence_penalty", "frequency_penalty", "typical_p"):
+        if getattr(params, name) is not None:
+            body[name] = getattr(params, name)
     if params.ignore_eos:
         body["ignore_eos"] = True
+    if params.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
+    if params.min_tokens:
+        body["min_tokens"] = params.min_tokens
+    if params.logprobs is not None or params.prompt_logprobs is not None:
+        body["logprobs"] = max(params.logprobs or 0, params.prompt_logprobs or 0)
+    if params.prompt_logprobs is not None:
+        body["echo"] = True
+    if params.json_schema is not None:
+        schema = json.loads(params.json_schema)
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema,
+                                                                          "strict": True}}
+        body["json_schema"] = schema
+    if params.grammar is not None:
+        body["grammar"] = params.grammar
+        body["structured_outputs"] = {"grammar": params.grammar}
     return body
+
+
+class UpstreamPieces:
+    """An upstream completion stream's choices as pieces for ``emit``: with ``echo`` (the
+    prompt's logprobs asked for) the prompt's text comes back first and becomes one prompt
+    piece; each chunk's token count is its number of logprobs when it has them, else one."""
+
+    def __init__(self, echoed: Optional[str]) -> None:
+        self.echo_left = len(echoed) if echoed is not None else 0
+        self.echoed = echoed
+        self.prompt: list[TokenLogprob] = []
+
+    def of(self, choice: dict[str, Any]) -> list[Any]:
+        text = choice.get("text") or ""
+        logprobs = _logprobs(choice.get("logprobs"))
+        pieces: list[Any] = []
+        if self.echo_left > 0:
+            head = text[:self.echo_left]
+            seen = len(self.echoed or "") - self.echo_left
+            if head != (self.echoed or "")[seen:seen + len(head)]:
+                raise EngineError("external server did not echo the prompt, so it cannot score it "
+                                  "(prompt_logprobs / echo with logprobs)", code=ErrorCode.INVALID_PARAMS)
+            self.echo_left -= len(head)
+            cut = _tokens_within(choice.get("logprobs"), len(head))
+            self.prompt += logprobs[:cut]
+            text, logprobs = text[len(head):], logprobs[cut:]
+            if self.echo_left <= 0:
+                pieces.append(Piece(self.echoed or "", tokens=len(self.prompt), logprobs=tuple(self.prompt),
+                                    prompt=True))
+        if text or logprobs:
+            tokens = len(logprobs) or 1
+            pieces.append(Piece(text, tokens=tokens, logprobs=tuple(logprobs)) if logprobs or tokens > 1 else text)
+        return pieces
+
+
+def _logprobs(block: Any) -> list[TokenLogprob]:
+    """The completions shape (tokens, token_logprobs, top_logprobs) as TokenLogprobs."""
+    if not isinstance(block, dict) or not block.get("tokens"):
+        return []
+    values = block.get("token_logprobs") or []
+    tops = block.get("top_logprobs") or []
+    out = []
+    for index, token in enumerate(block["tokens"]):
+        value = values[index] if index < len(values) else None
+        top = tops[index] if index < len(tops) and isinstance(tops[index], dict) else {}
+        out.append(TokenLogprob(token=str(token), logprob=value, bytes=tuple(str(token).encode("utf-8")),
+                                top=tuple(sorted(top.items(), key=lambda item: -item[1]))))
+    return out
+
+
+def _tokens_within(block: Any, chars: int) -> int:
+    """How many of a chunk's tokens lie within its first ``chars`` characters."""
+    if not isinstance(block, dict) or not block.get("tokens"):
+        return 0
+    offsets = block.get("text_offset")
+    if offsets:
+        start = offsets[0]
+        return sum(1 for offset in offsets if offset - start < chars)
+    total, count = 0, 0
+    for token in block["tokens"]:
+        if total >= chars:
+            break
+        total += len(str(token))
+        count += 1
+    return count
 
 
 def _read_key(env: Optional[str], path: Optional[str]) -> str:

@@ -1,9 +1,9 @@
 """llama.cpp through llama-cpp-python, in process.
 
 One ``Llama`` context per slot: the GGUF is memory-mapped, so the weights are shared by the
-OS and each extra slot costs only its KV cache. ``engine_options: {batching: true}`` selects
-instead one context whose slots are decoded together (orch/engines/llamacpp_batch.py,
-``llamacpp_engine`` there picks the class).
+OS and each extra slot costs only its KV cache. Used with ``engine_options: {batching: false}``
+and for embeddings; by default one context's slots are decoded together instead
+(orch/engines/llamacpp_batch.py, ``llamacpp_engine`` there picks the class).
 
 Prefix cache: a slot keeps the tokens it evaluated last, and a generation whose prompt starts
 with the same tokens (a chat's system prompt and earlier turns, a repeated prompt) evaluates
@@ -24,14 +24,16 @@ from typing import Any, Iterator, Optional, Sequence
 
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+from orch.engines.llamacpp_params import check_logit_bias, compile_grammar, grammar_of, invalid
 
 #: llama.cpp seeds are 32-bit; wider request seeds are folded by modulo.
 SEED_MODULUS = 2**32
 DEFAULT_CTX_CAP = 4096
 #: Seconds close() waits for running calls to leave llama.cpp before it frees the model.
 CLOSE_WAIT_S = 30.0
-#: Whether a pool that does not set ``engine_options.batching`` decodes its slots together.
-BATCHING_DEFAULT = False
+#: Whether a pool that does not set ``engine_options.batching`` decodes its slots together
+#: (one llama.cpp context, continuous batching; see llamacpp_batch.py).
+BATCHING_DEFAULT = True
 
 log = logging.getLogger("orch.engine")
 
@@ -195,16 +197,12 @@ class LlamaCppEngine(Engine):
 
     def _generate(self, slot: int, prompt: str, params: GenerationParams, emit: Emit) -> FinishReason:
         llm = self._contexts[slot]
+        extra = self._sampling(llm, params)
+        if params.max_tokens <= 0:  # llama-cpp-python reads 0 as "up to the context's end"
+            return FinishReason.length
         if not (self.prefix_cache and params.reuse_prefix):
             llm.reset()  # otherwise llama-cpp-python evaluates only what follows the cached prefix
         finish = FinishReason.length
-        extra: dict[str, Any] = {}
-        if getattr(params, "repetition_penalty", None) is not None:
-            extra["repeat_penalty"] = float(params.repetition_penalty)
-        if getattr(params, "min_p", None) is not None:
-            extra["min_p"] = float(params.min_p)
-        if getattr(params, "ignore_eos", False):
-            extra["logit_bias"] = {token: float("-inf") for token in self._end_tokens(llm)}
         stream = llm.create_completion(
             prompt,
             max_tokens=params.max_tokens,
@@ -233,6 +231,38 @@ class LlamaCppEngine(Engine):
         finally:
             stream.close()
         return finish
+
+    def _sampling(self, llm: Any, params: GenerationParams) -> dict[str, Any]:
+        """llama-cpp-python's completion arguments for what the request asks beyond the basics;
+        what its ``Llama`` API has no clean way to do is refused, naming the parameter."""
+        for name, asked in (("logprobs", params.logprobs is not None),
+                            ("prompt_logprobs", params.prompt_logprobs is not None),
+                            ("min_tokens", (params.min_tokens or 0) > 0)):
+            if asked:
+                raise invalid(f"{name} is not supported by llama.cpp (batching: false); "
+                              "a llama.cpp pool with batching (the default) supports it")
+        extra: dict[str, Any] = {}
+        for name, argument in (("repetition_penalty", "repeat_penalty"), ("min_p", "min_p"),
+                               ("typical_p", "typical_p"), ("presence_penalty", "presence_penalty"),
+                               ("frequency_penalty", "frequency_penalty")):
+            if getattr(params, name) is not None:
+                extra[argument] = float(getattr(params, name))
+        check_logit_bias(params, llm.n_vocab())
+        biases = {int(token): float(bias) for token, bias in params.logit_bias}
+        if params.ignore_eos:
+            biases.update((token, float("-inf")) for token in self._end_tokens(llm))
+        if biases:
+            extra["logit_bias"] = biases
+        grammar = grammar_of(params)
+        if grammar is not None:
+            import llama_cpp
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            field = "json_schema" if params.json_schema is not None else "grammar"
+            # Compiled once here to refuse a bad one: llama-cpp-python would chain a null sampler.
+            llama_cpp.llama_sampler_free(compile_grammar(llama_cpp, llm._model.vocab, grammar, field))
+            extra["grammar"] = LlamaGrammar.from_string(grammar)
+        return extra
 
     def _end_tokens(self, llm: Any) -> tuple[int, ...]:
         """The model's end-of-generation tokens (banned under ``ignore_eos``)."""

@@ -1,4 +1,5 @@
-"""llama.cpp with continuous batching (``engine_options: {batching: true}``).
+"""llama.cpp with continuous batching (the default; ``engine_options: {batching: false}``
+selects the per-slot engine of llamacpp.py).
 
 One llama.cpp context serves every slot: its KV cache holds ``slots x ctx`` cells shared by
 ``slots`` sequence ids, and a decode thread (orch/engines/llamacpp_sched.py) advances all
@@ -28,6 +29,7 @@ from typing import Any, Optional
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, EngineError, GenerationParams
 from orch.engines.llamacpp import BATCHING_DEFAULT, CLOSE_WAIT_S, DEFAULT_CTX_CAP, LlamaCppEngine, log
+from orch.engines.llamacpp_params import check_logit_bias, grammar_of
 from orch.engines.llamacpp_sched import Scheduler
 from orch.engines.llamacpp_seq import End, Sequence
 
@@ -187,9 +189,10 @@ class BatchedLlamaCppEngine(LlamaCppEngine):
         scheduler = self._scheduler
         if scheduler is None or self._closing:
             raise EngineError("the llama.cpp engine is not loaded, or closed")
+        check_logit_bias(params, scheduler.n_vocab)
         strict = getattr(params, "strict", None)
         seq = Sequence(prompt, params, deliver, alone=(not params.reuse_prefix) if strict is None else bool(strict),
-                       cancelled=cancelled or threading.Event())
+                       cancelled=cancelled or threading.Event(), grammar=grammar_of(params))
         scheduler.submit(seq)
         return seq
 

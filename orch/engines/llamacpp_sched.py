@@ -19,7 +19,6 @@ shares them (``llama_memory_seq_cp``, no copy); numerics then depend on the neig
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from collections import deque
@@ -27,7 +26,9 @@ from typing import Any, Callable, Optional
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
-from orch.engines.base import EngineError
+from orch.engines.base import EngineError, TokenLogprob
+from orch.engines.llamacpp_logits import Logits, log_softmax
+from orch.engines.llamacpp_params import compile_grammar
 from orch.engines.llamacpp_seq import End, Sequence, TextStream, sampler_chain
 
 log = logging.getLogger("orch.engine")
@@ -42,12 +43,12 @@ class Scheduler:
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
         self._vocab = vocab
-        self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self._n_vocab = self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self._tokenize = tokenize
         self.slots, self.ctx_tokens, self.chunk = slots, ctx_tokens, max(chunk, slots)
         self.unified, self.prefix_cache = unified, prefix_cache
         self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
-        self._piece = ctypes.create_string_buffer(256)
+        self._logits = Logits(llama_cpp, ctx, vocab, self._n_vocab)
         self._eog: Optional[tuple[int, ...]] = None
         #: Tokens whose cells each sequence id holds, positions 0..len-1.
         self._cached: list[list[int]] = [[] for _ in range(slots)]
@@ -169,16 +170,26 @@ class Scheduler:
                 f"prompt and output together, so send a prompt of 1 to {self.ctx_tokens - 1} tokens",
                 code=ErrorCode.INVALID_PARAMS)))
             return
+        if seq.grammar is not None:
+            field = "json_schema" if seq.params.json_schema is not None else "grammar"
+            try:
+                seq.grammar_sampler = compile_grammar(self._ll, self._vocab, seq.grammar, field)
+            except EngineError as exc:
+                seq.deliver(End(FinishReason.stop, exc))
+                return
+        banned = self._eog_tokens() if seq.params.ignore_eos else ()
+        seq.sampler = sampler_chain(self._ll, seq.params, self._n_vocab, banned)
         seq.tokens = tokens
         if seq.alone and self.unified:  # the same cells, chunks and neighbours (none) every time
             self._ll.llama_memory_clear(self._mem, True)
             self._cached = [[] for _ in range(self.slots)]
-        reuse = self.prefix_cache and seq.params.reuse_prefix and not seq.alone
+        # Prompt logprobs need every prompt position's logits, so such a prompt is read whole.
+        reuse = self.prefix_cache and seq.params.reuse_prefix and not seq.alone and not seq.wants_prompt_logprobs
         seq.seq_id, seq.n_past = self._place(tokens, reuse)
         self.stats["prompt_reused"] += seq.n_past
         self.stats["prompt_evaluated"] += len(tokens) - seq.n_past
-        banned = self._eog_tokens() if getattr(seq.params, "ignore_eos", False) else ()
-        seq.sampler = sampler_chain(self._ll, seq.params, self._n_vocab, banned)
+        if seq.wants_prompt_logprobs:
+            seq.prompt_logprobs = [self._logits.entry(tokens[0], None, 0)]
         seq.stream = TextStream(seq.params.stop)
         self._active.append(seq)
         self.stats["max_running"] = max(self.stats["max_running"], len(self._active))
@@ -233,13 +244,17 @@ class Scheduler:
         batch, n = self._batch, 0
         samples: list[tuple[Sequence, int]] = []
         fed: list[tuple[Sequence, list[int]]] = []
+        #: (sequence, batch entry, position) of prompt tokens whose logits were asked for.
+        prompt_rows: list[tuple[Sequence, int, int]] = []
 
-        def add(token: int, seq: Sequence, pos: int, logits: bool) -> None:
+        def add(token: int, seq: Sequence, pos: int, sample: bool, logits: bool = False) -> None:
             nonlocal n
-            batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, logits
+            batch.token[n], batch.pos[n], batch.n_seq_id[n], batch.logits[n] = token, pos, 1, sample or logits
             batch.seq_id[n][0] = seq.seq_id
-            if logits:
+            if sample:
                 samples.append((seq, n))
+            elif logits:
+                prompt_rows.append((seq, n, pos))
             n += 1
 
         for seq in self._active:
@@ -250,9 +265,9 @@ class Scheduler:
             if not seq.prefilling or n >= self.chunk or self._prefill_blocked:
                 continue
             part = seq.tokens[seq.n_past:seq.n_past + self.chunk - n]
-            last = len(seq.tokens) - 1
+            last, every = len(seq.tokens) - 1, seq.wants_prompt_logprobs
             for offset, token in enumerate(part):
-                add(token, seq, seq.n_past + offset, seq.n_past + offset == last)
+                add(token, seq, seq.n_past + offset, seq.n_past + offset == last, every)
             fed.append((seq, part))
         if n == 0:  # only prompts, blocked: a step without them frees nothing
             self._prefill_blocked = False
@@ -266,41 +281,73 @@ class Scheduler:
         for seq, part in fed:
             seq.n_past += len(part)
             self._cached[seq.seq_id].extend(part)
+        for seq in {id(s): s for s, _, _ in prompt_rows}.values():
+            rows = [(index, pos) for s, index, pos in prompt_rows if s is seq]
+            seq.prompt_logprobs += self._logits.prompt_entries(seq.tokens, rows, seq.params.prompt_logprobs)
         for seq, index in samples:
-            self._accept(seq, self._ll.llama_sampler_sample(seq.sampler, self._ctx, index))
+            if seq.prefilling and self._prompt_read(seq):
+                continue
+            try:
+                sampled = self._sample(seq, index)
+            except EngineError as exc:  # this sequence's grammar is stuck; the others go on
+                self._finish(seq, FinishReason.stop, error=exc)
+                continue
+            self._accept(seq, *sampled)
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _prompt_read(self, seq: Sequence) -> bool:
+        """The prompt is in: its logprobs leave first; True when no output is asked (max_tokens 0)."""
+        if seq.wants_prompt_logprobs:
+            seq.deliver(seq.take(seq.prompt, prompt=True))
+        if seq.params.max_tokens <= 0:
+            self._finish(seq, FinishReason.length)
+            return True
+        return False
+
+    def _sample(self, seq: Sequence, index: int) -> tuple[int, Optional[TokenLogprob]]:
+        """The next token from batch entry ``index`` and, when asked, its logprob entry (taken
+        from the row before end-of-generation is banned for ``min_tokens``)."""
+        params = seq.params
+        logprobs = log_softmax(self._logits.row(index)) if params.logprobs is not None else None
+        if seq.generated < (params.min_tokens or 0):
+            self._logits.ban(index, self._eog_tokens())
+        if seq.grammar_sampler is not None:
+            token = self._logits.sample_constrained(seq.sampler, seq.grammar_sampler, index)
+        else:
+            token = self._ll.llama_sampler_sample(seq.sampler, self._ctx, index)
+        if logprobs is None:
+            return token, None
+        return token, self._logits.entry(token, logprobs, params.logprobs, self._logits.piece(token))
+
+    def _accept(self, seq: Sequence, token: int, logprob: Optional[TokenLogprob]) -> None:
         seq.generated += 1
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._finish(seq, FinishReason.stop, seq.stream.flush())
             return
-        text, stopped = seq.stream.push(self._token_bytes(token))
+        seq.unsent += 1
+        if logprob is not None:
+            seq.unsent_logprobs.append(logprob)
+        stops = seq.generated >= (seq.params.min_tokens or 0)
+        text, stopped = seq.stream.push(self._logits.piece(token), stops)
         if stopped:
             self._finish(seq, FinishReason.stop, text)
         elif seq.generated >= seq.params.max_tokens or seq.n_past >= self.ctx_tokens:
             self._finish(seq, FinishReason.length, text + seq.stream.flush())
         else:
             if text:
-                seq.deliver(text)
+                seq.deliver(seq.take(text))
             seq.next_token = token
-
-    def _token_bytes(self, token: int) -> bytes:
-        size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        if size < 0:  # longer than the buffer: grow it once for this and later tokens
-            self._piece = ctypes.create_string_buffer(-size)
-            size = self._ll.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[:size]
 
     def _finish(self, seq: Sequence, finish: FinishReason, text: str = "",
                 error: Optional[EngineError] = None) -> None:
-        if text:
-            seq.deliver(text)
+        if error is None and finish != FinishReason.cancelled and (text or seq.unsent):
+            seq.deliver(seq.take(text))  # the last tokens, even those a stop string cut to nothing
         seq.deliver(End(finish, error))
         self._active.remove(seq)
         self._prefill_blocked = False
-        if seq.sampler is not None:
-            self._ll.llama_sampler_free(seq.sampler)
-            seq.sampler = None
+        for sampler in (seq.sampler, seq.grammar_sampler):
+            if sampler is not None:
+                self._ll.llama_sampler_free(sampler)
+        seq.sampler = seq.grammar_sampler = None
         if error is not None or not self.prefix_cache:
             self._forget(seq.seq_id)
         self._free.append(seq.seq_id)

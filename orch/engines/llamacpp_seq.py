@@ -2,8 +2,10 @@
 
 The sampler chain is the one llama-cpp-python's ``Llama`` builds for a completion (penalties,
 top-k, typical, top-p, min-p, temperature, then a seeded draw; greedy at temperature 0), so
-a request samples the same way in both engines. Each sequence owns its chain: the seeded
-generator and the penalty history advance only with that sequence's tokens.
+a request samples the same way in both engines, with a logit bias first. A grammar
+(``json_schema``, ``grammar``) is a second sampler, applied as llama.cpp's own sampler does
+(``Logits.sample_constrained``). Each sequence owns its samplers: the seeded generator, the
+penalty history (generated tokens) and the grammar's state advance only with its tokens.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from orch.api.events import FinishReason
-from orch.engines.base import EngineError, GenerationParams
+from orch.engines.base import EngineError, GenerationParams, Piece, TokenLogprob
 
 #: llama.cpp seeds are 32-bit; wider request seeds are folded by modulo.
 SEED_MODULUS = 2**32
@@ -39,12 +41,14 @@ def sampler_chain(llama_cpp: Any, params: GenerationParams, n_vocab: int, banned
     def add(sampler: Any) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    if banned:
-        biases = (llama_cpp.llama_logit_bias * len(banned))()
-        for index, token in enumerate(banned):
-            biases[index].token = token
-            biases[index].bias = float("-inf")
-        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(banned), biases))
+    biases = dict(getattr(params, "logit_bias", None) or ())
+    biases.update((token, float("-inf")) for token in banned)
+    if biases:
+        array = (llama_cpp.llama_logit_bias * len(biases))()
+        for index, (token, bias) in enumerate(biases.items()):
+            array[index].token = token
+            array[index].bias = float(bias)
+        add(llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), array))
     add(llama_cpp.llama_sampler_init_penalties(
         n_vocab, PENALTY_LAST_N, _param(params, "repetition_penalty", 1.0), _param(params, "frequency_penalty", 0.0),
         _param(params, "presence_penalty", 0.0)))
@@ -52,7 +56,7 @@ def sampler_chain(llama_cpp: Any, params: GenerationParams, n_vocab: int, banned
         add(llama_cpp.llama_sampler_init_greedy())
         return chain
     add(llama_cpp.llama_sampler_init_top_k(params.top_k))
-    add(llama_cpp.llama_sampler_init_typical(1.0, 1))
+    add(llama_cpp.llama_sampler_init_typical(_param(params, "typical_p", 1.0), 1))
     add(llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
     add(llama_cpp.llama_sampler_init_min_p(_param(params, "min_p", DEFAULT_MIN_P), 1))
     add(llama_cpp.llama_sampler_init_temp(params.temperature))
@@ -75,9 +79,13 @@ class TextStream:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
         self._held = ""
 
-    def push(self, piece: bytes) -> tuple[str, bool]:
-        """Text that may leave now, and whether a stop string ended the generation."""
+    def push(self, piece: bytes, stops: bool = True) -> tuple[str, bool]:
+        """Text that may leave now, and whether a stop string ended the generation (never
+        while ``stops`` is False: before ``min_tokens``)."""
         held = self._held + self._decoder.decode(piece)
+        if not stops:
+            self._held = ""
+            return held, False
         cuts = [index for index in (held.find(s) for s in self.stop) if index >= 0]
         if cuts:
             self._held = ""
@@ -115,9 +123,34 @@ class Sequence:
     #: The token sampled last, fed at the next step; None while the prompt is read.
     next_token: Optional[int] = None
     sampler: Any = None
+    #: The grammar sampler (``grammar``), kept out of ``sampler`` so that most tokens skip it.
+    grammar_sampler: Any = None
     stream: Optional[TextStream] = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    #: GBNF the output must match (``grammar``, or ``json_schema`` converted), checked at submit.
+    grammar: Optional[str] = None
+    #: Output tokens (and their logprobs, when asked) not yet delivered: held-back text waits.
+    unsent: int = 0
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: The prompt's tokens with their logprobs (``prompt_logprobs``), filled as the prompt is read.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
         return self.next_token is None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return getattr(self.params, "prompt_logprobs", None) is not None
+
+    def take(self, text: str, prompt: bool = False) -> Any:
+        """What the next ``deliver`` carries for ``text``: a bare str for one token without
+        logprobs, else a Piece with the exact token count and the logprobs."""
+        if prompt:
+            logprobs, self.prompt_logprobs = self.prompt_logprobs, []
+            return Piece(text, len(logprobs), tuple(logprobs), prompt=True)
+        count, logprobs = self.unsent, self.unsent_logprobs
+        self.unsent, self.unsent_logprobs = 0, []
+        if count == 1 and not logprobs:
+            return text
+        return Piece(text, count, tuple(logprobs))

@@ -13,6 +13,12 @@ the prompt, so a test decides exactly which task fails and when:
 ``fail_load: "<message>"`` makes every load fail, as a broken driver would;
 ``crash_on_load: true`` kills the hosting process during every load;
 ``model_bytes`` is the memory the model claims, checked against the host before loading.
+
+Prefill (for prefix-routing benchmarks): ``prefill_ms_per_token`` delays the first token by
+that much per prompt token (words, as ``count_tokens`` counts them) not already cached. Like
+llama.cpp's sequence ids, the engine keeps one cached token list per slot (the prompt and the
+words it generated); a task takes the free entry sharing the longest prefix with its prompt
+and reads only the rest. ``prefix_cache: false`` reads every prompt whole.
 """
 
 from __future__ import annotations
@@ -50,7 +56,16 @@ class MockEngine(Engine):
         embedding_dim: int = 0,
         crash_on_load: bool = False,
         model_bytes: int = 0,
+        prefill_ms_per_token: float = 0.0,
+        prefix_cache: bool = True,
     ) -> None:
+        self.prefill_ms_per_token = prefill_ms_per_token
+        self.prefix_cache = prefix_cache
+        #: Words each cache entry holds, entries in use, and prompt tokens read / reused.
+        self._cached: list[list[str]] = [[] for _ in range(max(1, slots))]
+        self._busy: set[int] = set()
+        self._cache_lock = threading.Lock()
+        self.stats = {"prompt_evaluated": 0, "prompt_reused": 0}
         self.crash_on_load = crash_on_load
         self.model_bytes = model_bytes
         self.embedding_dim = embedding_dim
@@ -66,7 +81,7 @@ class MockEngine(Engine):
     @classmethod
     def from_options(cls, options: dict[str, Any], slots: int, ctx: Optional[int]) -> "MockEngine":
         known = {"tokens_per_s", "first_token_ms", "fail_load", "version", "embedding_dim", "crash_on_load",
-                 "model_bytes"}
+                 "model_bytes", "prefill_ms_per_token", "prefix_cache"}
         unknown = set(options) - known
         if unknown:
             raise EngineError(f"unknown mock engine options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -97,19 +112,54 @@ class MockEngine(Engine):
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         interval = 1.0 / self.tokens_per_s if self.tokens_per_s > 0 else 0.0
         start = time.perf_counter()
-        first_at = start + self.first_token_ms / 1000.0
-        for index in range(params.max_tokens):
-            if index == fault_at:
-                self._fail(fault_kind, index)
-            due = first_at + index * interval
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            if not emit(WORDS[rng.randrange(len(WORDS))]):
-                return FinishReason.cancelled
-        if fault_at >= params.max_tokens:
-            self._fail(fault_kind, params.max_tokens)
-        return FinishReason.length
+        words = prompt.split()
+        entry, reused = self._take_entry(words, params.reuse_prefix)
+        uncached = len(words) + 1 - reused
+        first_at = start + (self.first_token_ms + uncached * self.prefill_ms_per_token) / 1000.0
+        out: list[str] = []
+        try:
+            for index in range(params.max_tokens):
+                if index == fault_at:
+                    self._fail(fault_kind, index)
+                due = first_at + index * interval
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                word = WORDS[rng.randrange(len(WORDS))]
+                out.append(word)
+                if not emit(word):
+                    return FinishReason.cancelled
+            if fault_at >= params.max_tokens:
+                self._fail(fault_kind, params.max_tokens)
+            return FinishReason.length
+        finally:
+            self._release_entry(entry, words + "".join(out).split())
+
+    def _take_entry(self, words: list[str], reuse: bool) -> tuple[int, int]:
+        """The free cache entry sharing the longest prefix with ``words``, and that length
+        (the last prompt token is always read, as llama.cpp does)."""
+        with self._cache_lock:
+            free = [i for i in range(len(self._cached)) if i not in self._busy] or [0]
+
+            def common(i: int) -> int:
+                count = 0
+                for a, b in zip(self._cached[i], words):
+                    if a != b:
+                        break
+                    count += 1
+                return count
+
+            shared = {i: common(i) if self.prefix_cache and reuse else 0 for i in free}
+            entry = max(free, key=lambda i: (shared[i], -len(self._cached[i]), -i))
+            self._busy.add(entry)
+            self.stats["prompt_reused"] += shared[entry]
+            self.stats["prompt_evaluated"] += len(words) + 1 - shared[entry]
+            return entry, shared[entry]
+
+    def _release_entry(self, entry: int, held: list[str]) -> None:
+        with self._cache_lock:
+            self._cached[entry] = held if self.prefix_cache else []
+            self._busy.discard(entry)
 
     def memory_needed(self) -> int:
         return self.model_bytes

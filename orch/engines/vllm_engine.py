@@ -33,12 +33,13 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
+from orch.engines.vllm_params import SEED_MODULUS, output_pieces, sampling_params
 
-#: vLLM seeds a torch generator per request, which takes a signed 64-bit seed; request
-#: seeds are already in [0, 2**63), and anything wider is folded by modulo.
-SEED_MODULUS = 2**63
+__all__ = ["SEED_MODULUS", "VllmEngine", "placement_bundles"]
+
 #: Engine arguments the pool config owns: setting them in engine_options would contradict it.
 POOL_OWNED_OPTIONS = {
     "model": "the pool's model",
@@ -213,24 +214,7 @@ class VllmEngine(Engine):
 
     # -- generation ----------------------------------------------------------------------
     def sampling_params(self, params: GenerationParams):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
-        optional = {name: getattr(params, name) for name in ("repetition_penalty", "min_p")
-                    if getattr(params, name) is not None}  # None: vLLM's own default
-        if params.ignore_eos and self._end_tokens():
-            optional["logit_bias"] = {token: -100.0 for token in self._end_tokens()}
-        return SamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed % SEED_MODULUS,
-            stop=list(params.stop) or None,
-            ignore_eos=params.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-            **optional,
-        )
+        return sampling_params(params, self._end_tokens() if params.ignore_eos else ())
 
     def _end_tokens(self) -> tuple[int, ...]:
         """The model's end-of-sequence tokens, banned under ``ignore_eos`` as llama.cpp bans
@@ -249,16 +233,21 @@ class VllmEngine(Engine):
             raise EngineError(f"the model in {self.model_dir.name} is loaded for {', '.join(self._supported_tasks)}, not generation")
         try:
             return self._render(prompt), self.sampling_params(params)
+        except EngineError:
+            raise
         except Exception as exc:  # vLLM's validation errors are not ValueErrors
-            raise EngineError(f"vLLM refused the request: {_cause(exc)}") from exc
+            raise EngineError(f"vLLM refused the request: {_cause(exc)}", code=ErrorCode.INVALID_PARAMS) from exc
 
     @staticmethod
-    def _delta(item: Any) -> Optional[tuple[str, Optional[str]]]:
-        """One item from ``_pump``: (text, vLLM's finish reason), None at the end; raises the
-        failure it carries."""
+    def _delta(item: Any) -> Optional[tuple[list[Any], Optional[str]]]:
+        """One item from ``_pump``: (pieces for ``emit``, vLLM's finish reason), None at the
+        end; raises the failure it carries (vLLM's refusal of the request, such as a schema
+        its structured-output backend cannot compile, as INVALID_PARAMS)."""
         if item is _DONE:
             return None
         if isinstance(item, BaseException):
+            if _refused(item):
+                raise EngineError(f"vLLM refused the request: {_cause(item)}", code=ErrorCode.INVALID_PARAMS) from item
             raise EngineError(f"vLLM generation failed: {_cause(item)}", fatal=_engine_dead(item)) from item
         return item
 
@@ -274,11 +263,12 @@ class VllmEngine(Engine):
         engine_input, sampling = self._prepare(prompt, params)
         request_id = f"slot{slot}-{uuid.uuid4().hex}"
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        pump = asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, outputs.put), self._loop)
+        pump = asyncio.run_coroutine_threadsafe(
+            self._pump(engine_input, sampling, request_id, outputs.put, prompt, params), self._loop)
         finish = FinishReason.length
         while (delta := self._delta(outputs.get())) is not None:
-            text, reason = delta
-            if text and not emit(text):
+            pieces, reason = delta
+            if not all(emit(piece) for piece in pieces):
                 self._abort(request_id, pump)
                 return FinishReason.cancelled
             finish = self._finish_of(reason, finish)
@@ -295,13 +285,13 @@ class VllmEngine(Engine):
         def deliver(item: Any) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-        pump = asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(self._pump(engine_input, sampling, request_id, deliver), self._loop))
+        pump = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self._pump(engine_input, sampling, request_id, deliver, prompt, params), self._loop))
         finish = FinishReason.length
         try:
             while (delta := self._delta(await outputs.get())) is not None:
-                text, reason = delta
-                if text and not emit(text):
+                pieces, reason = delta
+                if not all(emit(piece) for piece in pieces):
                     await self._abort_async(request_id, pump)
                     return FinishReason.cancelled
                 finish = self._finish_of(reason, finish)
@@ -312,12 +302,15 @@ class VllmEngine(Engine):
         await asyncio.wait_for(pump, CALL_TIMEOUT_S)
         return finish
 
-    async def _pump(self, engine_input: dict[str, Any], sampling, request_id: str, sink: Callable[[Any], None]) -> None:
-        """Runs on the engine's loop: hands each delta of one request to ``sink``."""
+    async def _pump(self, engine_input: dict[str, Any], sampling, request_id: str, sink: Callable[[Any], None],
+                    prompt: str, params: GenerationParams) -> None:
+        """Runs on the engine's loop: hands each delta of one request to ``sink``, as pieces."""
+        prompt_due = params.prompt_logprobs is not None
         try:
             async for output in self._llm.generate(engine_input, sampling, request_id):
-                completion = output.outputs[0]
-                sink((completion.text, completion.finish_reason))
+                pieces = output_pieces(output, params, prompt, self._tokenizer, prompt_due)
+                prompt_due = prompt_due and not output.prompt_logprobs
+                sink((pieces, output.outputs[0].finish_reason))
         except Exception as exc:  # handed to the generating side, which raises it there
             sink(exc)
         finally:
@@ -422,8 +415,21 @@ def _engine_dead(exc: BaseException) -> bool:
         from vllm.v1.engine.exceptions import EngineDeadError
     except ImportError:  # pragma: no cover - vLLM is loaded whenever this is asked
         return False
+    return _caused_by(exc, EngineDeadError)
+
+
+def _refused(exc: BaseException) -> bool:
+    """vLLM refused the request itself (a 4xx in its own server), rather than failed."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - vLLM is loaded whenever this is asked
+        return False
+    return _caused_by(exc, VLLMClientError)
+
+
+def _caused_by(exc: Optional[BaseException], kind: type) -> bool:
     while exc is not None:
-        if isinstance(exc, EngineDeadError):
+        if isinstance(exc, kind):
             return True
         exc = exc.__cause__
     return False

@@ -29,7 +29,14 @@ HELP = {
     "model_state": "1 for the model each pool serves, with its state.",
     "latency_first_token_ms": "Time from admission to the first token, milliseconds.",
     "latency_decode_ms": "Time from a task's start to its end, milliseconds.",
-    "placement_decisions_total": "Placement decisions by outcome, pin and fallback.",
+    "latency_first_token_split_ms": "A request's first-token time in parts, milliseconds: orchestrator (the ingress, "
+                                    "Serve's HTTP path and the Ray hops), queue (waiting in the pool) and engine "
+                                    "(the pool's start to its first token).",
+    "placement_decisions_total": "Placement decisions by outcome, pin, fallback and reason (why the pool: "
+                                 "pinned, session_affinity, preferred, fallback, prefix_overlap, least_loaded, "
+                                 "round_robin; refused for refusals).",
+    "prefix_hit_tokens_total": "Prompt tokens admitted that the pool's engine probably had in its prefix cache.",
+    "prefix_miss_tokens_total": "Prompt tokens admitted that the pool's engine had to read (not cached).",
     "placement_candidates_considered": "Pools a placement decision considered.",
     "catalog_verifications_total": "Catalog digest verifications by result.",
 }
@@ -75,6 +82,8 @@ def families(views: dict[str, PoolView], details: dict[str, PoolDetail], ingress
         out["placement_decisions_total"].add_metric(list(key), value)
     if ingress.get("candidates"):
         _histogram(out["placement_candidates_considered"], [], ingress["candidates"])
+    for part, data in sorted(ingress.get("split", {}).items()):
+        _histogram(out["latency_first_token_split_ms"], [part], data)
     for result, value in sorted(catalog.items()):
         out["catalog_verifications_total"].add_metric([result], value)
     return list(out.values())
@@ -90,6 +99,8 @@ def _pool_counters(out: dict[str, Metric], base: list[str], detail: PoolDetail) 
     tokens = metrics.get("tokens", {})
     out["tokens_in_total"].add_metric(base, tokens.get("in", 0))
     out["tokens_out_total"].add_metric(base, tokens.get("out", 0))
+    for name, key in (("prefix_hit_tokens_total", "prefix_hit_tokens"), ("prefix_miss_tokens_total", "prefix_miss_tokens")):
+        out[name].add_metric(base, detail.counters.get(key, 0))
     for priority, depth in sorted(detail.queue_depth_by_priority.items()):
         out["queue_depth"].add_metric(base + [priority], depth)
     for name, key in (("latency_first_token_ms", "first_token_ms"), ("latency_decode_ms", "decode_ms")):

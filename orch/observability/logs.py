@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any, Optional
 
-CONTEXT_FIELDS = ("correlation_id", "task_id", "session_id", "pool_id", "engine", "identity")
+CONTEXT_FIELDS = ("correlation_id", "task_id", "session_id", "pool_id", "engine", "identity", "user")
 _context: dict[str, contextvars.ContextVar[Optional[str]]] = {
     name: contextvars.ContextVar(f"orch_log_{name}", default=None) for name in CONTEXT_FIELDS
 }

@@ -10,6 +10,9 @@ from __future__ import annotations
 #: Buckets (milliseconds) of time from admission to the first token: queue wait included,
 #: since that is what a client waits for.
 FIRST_TOKEN_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+#: Buckets (milliseconds) of one part of a request's first-token time (orchestrator, queue,
+#: engine): fine at the low end, where the orchestrator's own milliseconds are.
+SPLIT_BUCKETS_MS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 #: Buckets (milliseconds) of time from a task's start to its end.
 DECODE_BUCKETS_MS = (10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000)
 
@@ -33,7 +36,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "model_state": ("gauge", ("pool_id", "model_id", "state")),
     "latency_first_token_ms": ("histogram", POOL + ("priority",)),
     "latency_decode_ms": ("histogram", POOL + ("priority",)),
-    "placement_decisions_total": ("counter", ("outcome", "pinned", "fallback")),
+    "latency_first_token_split_ms": ("histogram", ("part",)),
+    "placement_decisions_total": ("counter", ("outcome", "pinned", "fallback", "reason")),
+    "prefix_hit_tokens_total": ("counter", POOL),
+    "prefix_miss_tokens_total": ("counter", POOL),
     "placement_candidates_considered": ("histogram", ()),
     "catalog_verifications_total": ("counter", ("result",)),
 }

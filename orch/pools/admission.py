@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 from orch.api.errors import ErrorCode
 from orch.api.pools import SubmitResult, TaskContext
 from orch.api.tasks import DeterminismLevel, EmbeddingRequest, KVHint, TaskRequest
 from orch.catalog import binding as bindings
+from orch.core import engine_features
 from orch.core.admission import ModelLimits, check_context, check_request
 from orch.core.errors import OrchError
 from orch.core.queue import QueueFullError
@@ -72,6 +74,11 @@ class Admission:
             record = self._completion_record(request, task_id, correlation_id, deferred=deferred)
         record.finalizer = self.finalizer
         record.context = context
+        if context.prefix_chain and not deferred and isinstance(request, TaskRequest):
+            record.prefix_hit_tokens = core.prefix.admit(context.prefix_chain, len(request.prompt.encode()),
+                                                         record.prompt_tokens)
+            # kv_warmth: this pool probably holds part of the prompt (not only "same pool as last turn").
+            record.context = replace(context, kv_warmth=record.prefix_hit_tokens > 0)
         record.bind_loop(core.loop)
         try:
             outcome = core.queue.enqueue(task_id, request.priority, record)
@@ -118,6 +125,8 @@ class Admission:
     def _completion_record(self, request: TaskRequest, task_id: str, correlation_id: Optional[str],
                            deferred: bool = False) -> TaskRecord:
         core = self.core
+        engine_features.check(engine_features.variant(core.engine_name, core.config.engine_options), request,
+                              core.pool_id)
         if deferred:  # no tokenizer yet: what the config alone can tell now, the rest once loaded
             if core.config.ctx is not None or core.config.max_tokens_out is not None:
                 check_request(request, ModelLimits(ctx_max=core.config.ctx or 16_777_216,
@@ -127,24 +136,11 @@ class Admission:
             ctx = check_request(request, core.limits())
             prompt_tokens = core.engine.count_tokens(request.prompt)
             check_context(prompt_tokens, request.max_tokens, ctx)
-        seed = request.seed if request.seed is not None else random.getrandbits(32)
-        params = GenerationParams(
-            max_tokens=request.max_tokens,
-            seed=seed,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            stop=tuple(request.stop),
-            reuse_prefix=request.kv_hint != KVHint.cold and request.determinism != DeterminismLevel.strict,
-            repetition_penalty=request.repetition_penalty,
-            min_p=request.min_p,
-            ignore_eos=request.ignore_eos,
-            strict=request.determinism == DeterminismLevel.strict,
-        )
-        return TaskRecord(task_id=task_id, priority=request.priority.value, prompt=request.prompt, params=params,
+        return TaskRecord(task_id=task_id, priority=request.priority.value, prompt=request.prompt,
                           ctx=ctx, prompt_tokens=prompt_tokens, queue_position=0, predicted_start_ms=0,
                           deadline_at=_deadline_at(request), session_id=request.session_id,
-                          correlation_id=correlation_id, request=request.model_dump(mode="json", exclude_none=True))
+                          correlation_id=correlation_id, request=request.model_dump(mode="json", exclude_none=True),
+                          params=generation_params(request))
 
     def _embedding_record(self, request: EmbeddingRequest, task_id: str, correlation_id: Optional[str]) -> TaskRecord:
         engine = self.core.engine
@@ -209,6 +205,32 @@ class Admission:
                     exc.code, f"{exc.message} (checked once the model was loaded)", retriable=exc.retriable))
                 continue
             record.ctx, record.prompt_tokens = ctx, prompt_tokens
+
+
+def generation_params(request: TaskRequest) -> GenerationParams:
+    """What the engine is asked for; a seed the request left out is drawn here."""
+    return GenerationParams(
+        max_tokens=request.max_tokens,
+        seed=request.seed if request.seed is not None else random.getrandbits(32),
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        stop=tuple(request.stop),
+        reuse_prefix=request.kv_hint != KVHint.cold and request.determinism != DeterminismLevel.strict,
+        repetition_penalty=request.repetition_penalty,
+        min_p=request.min_p,
+        ignore_eos=request.ignore_eos,
+        strict=request.determinism == DeterminismLevel.strict,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        typical_p=request.typical_p,
+        logit_bias=request.bias_pairs(),
+        min_tokens=request.min_tokens,
+        logprobs=request.logprobs,
+        prompt_logprobs=request.prompt_logprobs,
+        json_schema=request.json_schema,
+        grammar=request.grammar,
+    )
 
 
 def _deadline_at(request: Request) -> Optional[float]:

@@ -12,12 +12,13 @@ from typing import Any, Callable, Optional
 
 from orch.api.errors import ErrorCode
 from orch.api.pool_state import PoolState
-from orch.api.pools import CatalogBinding
+from orch.api.pools import CatalogBinding, TaskEvent, TaskMarks
 from orch.api.tasks import TaskRequest
 from orch.config import PoolConfig
 from orch.core.admission import ModelLimits
 from orch.core.capacity import GpuMemory
 from orch.core.forecast import RateTracker
+from orch.core.prefix import PrefixCache, entries_for
 from orch.core.queue import TaskQueue
 from orch.engines.base import Engine, EngineError
 from orch.observability.pool_metrics import PoolMetrics
@@ -71,6 +72,8 @@ class PoolCore:
         #: The task each busy slot runs (the watchdog's view of the slots).
         self.running: dict[int, TaskRecord] = {}
         self.service_ms = 1000.0  # moving average of a task's run time
+        #: The prompts the engine probably holds, as block hashes (prefix-aware placement).
+        self.prefix = PrefixCache(0)
         self.metrics = PoolMetrics()
         self.counts = PoolCounts(self.metrics)
         #: Measured first-token time and decode rate, for the on-time forecast.
@@ -89,6 +92,8 @@ class PoolCore:
         ``model_version`` when to fetch the chat template again."""
         if engine is not self._engine:
             self.model_version += 1
+            self.prefix.reset(entries_for(self.engine_name, self.config.slots, self.config.engine_options)
+                              if engine is not None else 0)
         self._engine = engine
 
     @property
@@ -160,3 +165,18 @@ class PoolCore:
 
     def wake(self) -> None:
         self.work.set()
+
+
+def first_token_marks(record: TaskRecord, events: list[TaskEvent]) -> Optional[TaskMarks]:
+    """The task's times in the pool when ``events`` (a page being sent) carries its first
+    token, else None. Stops at the page's first token, so a page costs a look at the few
+    frames before it."""
+    if record.first_token_at is None:
+        return None
+    for _, kind, data in events:
+        if kind == "token":
+            if data.get("i") != 0:
+                return None
+            return TaskMarks(admitted_at=record.admitted_at, started_at=record.started_at,
+                             first_token_at=record.first_token_at, sent_at=time.monotonic())
+    return None

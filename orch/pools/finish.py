@@ -12,6 +12,7 @@ from orch.api.events import SSEEnd, SSEError
 from orch.artifacts.transcript import build_transcript
 from orch.pools.core import PoolCore
 from orch.pools.frames import Frames
+from orch.pools.loops import call_on
 from orch.pools.task_record import TaskRecord
 
 log = logging.getLogger("orch.pool")
@@ -81,14 +82,7 @@ class Finisher:
         loop = self.core.loop
         if self.finished is None or loop is None:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self.finished.put_nowait(summary)
-        else:
-            loop.call_soon_threadsafe(self.finished.put_nowait, summary)
+        call_on(loop, self.finished.put_nowait, summary)
 
     async def _deliver(self) -> None:
         assert self.finished is not None

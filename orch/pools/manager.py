@@ -45,7 +45,7 @@ from orch.engines.base import Engine, EngineError
 from orch.pools import results, snapshot as snapshots
 from orch.pools.admission import Admission
 from orch.pools.control import Control
-from orch.pools.core import PoolCore
+from orch.pools.core import PoolCore, first_token_marks
 from orch.pools.finish import Finisher, FinishListener
 from orch.pools.frames import Frames
 from orch.pools.preparation import Preparation
@@ -282,7 +282,7 @@ class PoolManager:
         if record is None:
             return results.unknown_task(task_id, self.pool_id)
         events, done = await record.poll(cursor, wait_s)
-        return results.page(events, done)
+        return results.page(events, done, first_token_marks(record, events))
 
     async def cancel(self, task_id: str) -> CancelResult:
         """Stop a task; once this returns no further token of it reaches any stream."""

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from orch.api.errors import ErrorCode
 from orch.api.events import SSEError
-from orch.api.pools import Admission, CancelResult, PollResult, PoolError, SubmitResult, TaskEvent
+from orch.api.pools import Admission, CancelResult, PollResult, PoolError, SubmitResult, TaskEvent, TaskMarks
 from orch.core.errors import OrchError
 
 
@@ -40,8 +40,8 @@ def unknown_task(task_id: str, pool_id: str) -> PollResult:
     return PollResult(error=PoolError(ErrorCode.NOT_FOUND, f"no task '{task_id}' in pool '{pool_id}'"))
 
 
-def page(events: list[TaskEvent], done: bool) -> PollResult:
-    return PollResult(events=tuple(events), done=done)
+def page(events: list[TaskEvent], done: bool, marks: Optional[TaskMarks] = None) -> PollResult:
+    return PollResult(events=tuple(events), done=done, marks=marks)
 
 
 def cancel_not_found() -> CancelResult:

@@ -52,6 +52,9 @@ def view(core: PoolCore, node_id: Optional[str] = None, runtime_env_key: Optiona
         runtime_env_key=runtime_env_key,
         model_version=core.model_version,
         has_chat_template=bool(engine is not None and engine.chat_template),
+        prefix_hashes=core.prefix.report() if life.ready else b"",
+        prefill_ms_per_token=round(core.prefix.prefill_ms_per_token, 4),
+        bytes_per_token=round(core.prefix.bytes_per_token, 3),
     )
 
 
@@ -66,7 +69,8 @@ def detail(core: PoolCore) -> PoolDetail:
         preparation=core.preparation,
         queue_depth_by_priority={p.value: core.queue.depth(p) for p in Priority},
         metrics=core.metrics.to_dict(),
-        counters=core.counts.to_dict(),
+        counters={**core.counts.to_dict(), "prefix_hit_tokens": core.prefix.hit_tokens,
+                  "prefix_miss_tokens": core.prefix.miss_tokens},
     )
 
 
@@ -86,9 +90,12 @@ def vram(core: PoolCore) -> tuple[Optional[int], Optional[int]]:
 
 
 def error_text(core: PoolCore) -> Optional[str]:
-    if core.last_error and core.supervision_note:
-        return f"{core.last_error} ({core.supervision_note})"
-    return core.last_error or core.supervision_note
+    """The pool's last error, with the supervisor's note (failures, the next restart) while
+    the pool is not Ready: once a restart recovered it, the note is history, not news."""
+    note = None if core.life.ready else core.supervision_note
+    if core.last_error and note:
+        return f"{core.last_error} ({note})"
+    return core.last_error or note
 
 
 def workloads(engine: Optional[Engine]) -> tuple[str, ...]:

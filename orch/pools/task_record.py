@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 from orch.api.events import TERMINAL_EVENTS, FinishReason, SSEEnd
 from orch.api.pools import TaskContext
+from orch.pools.loops import call_on
 
 Event = tuple[str, dict[str, Any]]
 
@@ -42,6 +43,8 @@ class TaskRecord:
     #: What the ingress knew at admission (session kv_warmth, budgets left, prices), for
     #: the task's ``metrics`` frames; ids and numbers only.
     context: TaskContext = field(default_factory=TaskContext)
+    #: Prompt tokens probably in the engine's prefix cache at admission (orch/core/prefix.py).
+    prefix_hit_tokens: int = 0
     #: Called under the lock with (record, kind, data) for the terminal event; returns the
     #: data to append (the pool adds the transcript id there).
     finalizer: Optional[Callable[["TaskRecord", str, dict[str, Any]], dict[str, Any]]] = None
@@ -84,28 +87,47 @@ class TaskRecord:
             self._schedule_wake()
         return True
 
-    def push_token(self, text: str) -> bool:
-        """Token from the engine thread, numbered in stream order; False stops generation.
+    def push_token(self, text: str, tokens: int = 1, logprobs: Optional[list[dict[str, Any]]] = None) -> bool:
+        """Text from the engine, ``tokens`` tokens of it, numbered in stream order (``i`` is
+        its first token's index); False stops generation.
 
         The cancelled check and the append happen under one lock hold, so a token can
         never slip in between cancel's cut and its ``end``."""
         with self._lock:
             if self.cancelled or self.terminal:
                 return False
+            if not text and logprobs is None:  # tokens with no text (a stop string cut away): counted only
+                self.tokens_out += tokens
+                return True
             # SSEToken's payload as a plain dict: building the model costs ~3.4 us a token against ~0.1 us.
-            schedule = self._append_locked("token", {"t": text, "i": self.tokens_out})
+            data = {"t": text, "i": self.tokens_out}
+            if logprobs is not None:
+                data["logprobs"] = logprobs
+            schedule = self._append_locked("token", data, tokens=tokens)
         if schedule:
             self._schedule_wake()
         return True
 
-    def _append_locked(self, kind: str, data: dict[str, Any], *, finalize: bool = True) -> bool:
+    def push_prompt(self, logprobs: list[dict[str, Any]]) -> bool:
+        """The prompt's own tokens with their logprobs: a ``token`` event with no text that
+        counts no output token, sent before any output."""
+        with self._lock:
+            if self.cancelled or self.terminal:
+                return False
+            schedule = self._append_locked("token", {"t": "", "i": self.tokens_out, "prompt_logprobs": logprobs},
+                                           tokens=0)
+        if schedule:
+            self._schedule_wake()
+        return True
+
+    def _append_locked(self, kind: str, data: dict[str, Any], *, finalize: bool = True, tokens: int = 1) -> bool:
         """Append under the lock; True when the caller must schedule a wake-up."""
         if finalize and kind in TERMINAL_EVENTS and self.finalizer is not None:
             data = self.finalizer(self, kind, data)
         self.events.append((kind, data))
         self.last_event_at = time.monotonic()
         if kind == "token":
-            self.tokens_out += 1
+            self.tokens_out += tokens
         if kind in TERMINAL_EVENTS:
             self.state = "done"
             if self.finished_at is None:
@@ -119,14 +141,7 @@ class TaskRecord:
         if loop is None:
             self._wake()
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            loop.call_soon(self._wake)
-        else:
-            loop.call_soon_threadsafe(self._wake)
+        call_on(loop, self._wake)
 
     def _wake(self) -> None:
         with self._lock:
@@ -193,8 +208,8 @@ class TaskRecord:
                 return None
             already_over = self.terminal
             transcript_id = self.events[-1][1].get("transcript_id") if already_over else None
+            self.tokens_out = self.tokens_before(cut)
             del self.events[cut:]
-            self.tokens_out = sum(1 for kind, _ in self.events if kind == "token")
             if already_over:
                 self.ended_before_cancel = True
             end = SSEEnd(tokens_out=self.tokens_out, decode_time_ms=decode_time_ms,
@@ -216,4 +231,9 @@ class TaskRecord:
         return True
 
     def tokens_before(self, upto: int) -> int:
-        return sum(1 for kind, _ in self.events[:upto] if kind == "token")
+        """Output tokens in the first ``upto`` events: the index of the first token event
+        after them (a token event may carry several tokens, and a prompt one none)."""
+        for kind, data in self.events[upto:]:
+            if kind == "token":
+                return data["i"]
+        return self.tokens_out

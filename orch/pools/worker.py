@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence, Union
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason, SSEEnd, SSEStarted
-from orch.engines.base import EngineError
+from orch.engines.base import EngineError, Piece, TokenLogprob
 from orch.pools.core import RETRY_AFTER_MS, PoolCore
 from orch.pools.frames import Frames
 from orch.pools.task_record import TaskRecord
@@ -81,22 +81,30 @@ class Slots:
             queue_wait_ms=int((record.started_at - record.admitted_at) * 1000), pool_id=self.core.pool_id,
             engine=self.core.engine_name, engine_version=self.core.engine.version,
             seed=record.params.seed if record.inputs is None else None, prompt_tokens=record.prompt_tokens,
+            placement=record.context.placement,
         ).payload()
 
     async def _generate(self, record: TaskRecord, slot: int, now: float) -> None:
         core, engine = self.core, self.core.engine
         deadline_hit = False
 
-        def emit(text: str) -> bool:
+        def emit(piece: Union[str, Piece]) -> bool:
             nonlocal deadline_hit
             at = time.monotonic()
             if record.deadline_at is not None and at >= record.deadline_at:
                 deadline_hit = True
                 return False
+            if type(piece) is not str and piece.prompt:  # the prompt's logprobs: no output, no first token
+                return record.push_prompt(logprob_payload(piece.logprobs))
             if record.tokens_out == 0:
                 record.first_token_at = at
                 core.metrics.first_token(record.priority, (at - record.admitted_at) * 1000)
-            if not record.push_token(text):
+            if type(piece) is str:
+                pushed = record.push_token(piece)
+            else:
+                pushed = record.push_token(piece.text, piece.tokens,
+                                           logprob_payload(piece.logprobs) if piece.logprobs else None)
+            if not pushed:
                 return False
             if at - (record.metrics_at or 0.0) >= METRICS_EVERY_S:
                 self.frames.push(record, at)
@@ -116,6 +124,7 @@ class Slots:
             core.service_ms = 0.8 * core.service_ms + 0.2 * elapsed_ms
         if not record.cancelled and record.first_token_at is not None:
             core.rates.observe((record.first_token_at - now) * 1000, record.tokens_out, elapsed_ms)
+            core.prefix.prefilled((record.first_token_at - now) * 1000, record.prompt_tokens - record.prefix_hit_tokens)
         if deadline_hit:
             core.fail(record, ErrorCode.DECODE_TIMEOUT, f"deadline passed after {record.tokens_out} tokens",
                       retriable=True)
@@ -144,3 +153,14 @@ class Slots:
                      finish_reason=FinishReason.stop, embeddings=vectors)
         if record.push("end", end.payload()):
             core.counts.add("completed")
+
+
+def logprob_payload(logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """Token logprobs as a ``token`` event carries them (``orch.api.events.SSETokenLogprob``)."""
+    return [{"token": lp.token, "logprob": None if lp.logprob is None else _finite(lp.logprob), "bytes": list(lp.bytes),
+             "top": [{"token": text, "logprob": _finite(value)} for text, value in lp.top]} for lp in logprobs]
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no infinity: a token that cannot occur gets OpenAI's -9999."""
+    return logprob if logprob > -9999.0 else -9999.0

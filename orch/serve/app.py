@@ -20,7 +20,7 @@ from orch.api.meta import API_VERSION
 from orch.core.errors import OrchError
 from orch.serve.auth import AuthMiddleware
 from orch.serve.http import CorrelationIdMiddleware, error_response
-from orch.serve.routes import artifacts, catalog, meta, openai, ops, pools, sessions, tasks, ui
+from orch.serve.routes import artifacts, catalog, meta, openai, ops, pools, sessions, tasks, trace, ui
 from orch.serve.routing import ApiRoute, openapi_document
 from orch.serve.state import IngressState
 
@@ -35,6 +35,7 @@ DESCRIPTION = (
 def api_routes(state: IngressState) -> list[ApiRoute]:
     found: list[ApiRoute] = []
     found += tasks.routes(state)
+    found += trace.routes(state)
     found += sessions.routes(state)
     found += pools.routes(state)
     found += artifacts.routes(state)

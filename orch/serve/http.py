@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import uuid
 from typing import Any, Optional
 
@@ -16,13 +17,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from orch.api.errors import ErrorCode
 from orch.core.errors import OrchError
 from orch.observability.logs import bind
+from orch.observability.trace import RECEIVED_AT
 
 CORRELATION_HEADER = "x-correlation-id"
 _CORRELATION_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class CorrelationIdMiddleware:
-    """Echo a well-formed ``X-Correlation-Id`` or generate one, on every response.
+    """Echo a well-formed ``X-Correlation-Id`` or generate one, on every response, and note
+    when the request arrived (the first mark of its trace).
 
     Pure ASGI (no response buffering), so streams keep flowing token by token.
     """
@@ -34,6 +37,7 @@ class CorrelationIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        RECEIVED_AT.set(time.monotonic())
         given = None
         for name, value in scope.get("headers", ()):
             if name == b"x-correlation-id":

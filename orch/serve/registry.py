@@ -1,11 +1,15 @@
 """The ingress's view of the pools: cached pool views and a task locator.
 
 Placement reads the views (orch/api/pools.py ``PoolView``), refreshed at most every ``ttl_s``
-seconds (one call per pool per refresh, shared by every request in between), so a decision
-is made on data at most ``ttl_s`` old plus one refresh. A pool's detail (chat template,
-special tokens) is fetched again only when its view's ``model_version`` moved on; metrics are
-asked for when /metrics is scraped. Where a task lives is asked of the pools themselves when
-this replica did not admit it, so any ingress replica can stream or cancel any task.
+seconds (one call per pool per refresh, shared by every request in between). A request never
+waits for that refresh while the views are younger than ``STALE_LIMIT_S``: it places on them
+and the refresh runs beside it (this replica's own admissions are already counted in them,
+see ``note_admitted``); views older than that, or marked stale after a pool was lost, are
+refreshed first. Operator reads (``rows()``) always wait for views at most ``ttl_s`` old.
+A pool's detail (chat template, special tokens) is fetched again only when its view's
+``model_version`` moved on; metrics are asked for when /metrics is scraped. Where a task
+lives is asked of the pools themselves when this replica did not admit it, so any ingress
+replica can stream or cancel any task.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from dataclasses import replace
+from typing import Any, Callable, Optional
 
 import ray
 
 from orch.api.pools import PoolDetail, PoolView
 from orch.config import OrchConfig
+from orch.core.prefix import merged
 from orch.pools.supervisor import ACTOR_NAME as SUPERVISOR_ACTOR
 from orch.serve.pool_client import PoolClient, PoolLost, PoolNotRunning
 
@@ -28,6 +34,8 @@ log = logging.getLogger("orch.ingress")
 
 #: Seconds between two reminders to the supervisor to keep reconciling.
 SUPERVISOR_NUDGE_S = 5.0
+#: Age (seconds) up to which placement uses the cached views while they refresh beside it.
+STALE_LIMIT_S = 2.0
 #: Task -> pool entries remembered by one replica.
 LOCATOR_CAPACITY = 100_000
 
@@ -52,18 +60,35 @@ class PoolRegistry:
         self._model_details: dict[str, PoolDetail] = {}
         #: Each pool's last reported error, shown while its actor cannot be reached.
         self._causes: dict[str, str] = {}
+        #: Called with the new views after each refresh (the status page's queue-depth chart).
+        self.listeners: list[Callable[[dict[str, PoolView]], None]] = []
+        #: Prompt hashes this replica sent to each pool since the refresh in flight began
+        #: (a snapshot taken before the pool admitted them would not list them yet).
+        self._sent: dict[str, list[tuple[float, bytes]]] = {}
+        #: Tasks counted into a cached row by ``note_admitted``, not yet finished.
+        self._counted: OrderedDict[str, None] = OrderedDict()
 
     # -- snapshot ------------------------------------------------------------------------
-    async def rows(self) -> dict[str, PoolView]:
-        """Every configured pool's view, by id, at most ``ttl_s`` old."""
-        if time.monotonic() - self._taken_at > self.ttl_s:
-            await self.refresh()
+    async def rows(self, fresh: bool = True) -> dict[str, PoolView]:
+        """Every configured pool's view, by id, at most ``ttl_s`` old; ``fresh=False`` (the
+        request path): views up to ``STALE_LIMIT_S`` old, refreshed beside the caller."""
+        age = time.monotonic() - self._taken_at
+        if age > self.ttl_s:
+            if fresh or age > max(self.ttl_s, STALE_LIMIT_S):
+                await self.refresh()
+            elif self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.ensure_future(self._refresh())
         return self._rows
 
     async def views(self) -> list[PoolView]:
-        """The same views as a list (placement's input)."""
-        await self.rows()
+        """The same views as a list (placement's input), without waiting while they are
+        younger than ``STALE_LIMIT_S``."""
+        await self.rows(fresh=False)
         return self._views
+
+    def invalidate(self) -> None:
+        """The views are wrong (a pool's actor was lost): the next read waits for new ones."""
+        self._taken_at = -math.inf
 
     def model_detail(self, pool_id: str) -> Optional[PoolDetail]:
         """The pool's detail as of its current model (None until it answered once)."""
@@ -86,6 +111,7 @@ class PoolRegistry:
 
     async def _refresh(self) -> None:
         pool_ids = [pool.id for pool in self.config.pools]
+        began = time.monotonic()
         results = await asyncio.gather(*(self.pools.view(pid) for pid in pool_ids), return_exceptions=True)
         rows: dict[str, PoolView] = {}
         for pool_id, result in zip(pool_ids, results):
@@ -95,9 +121,13 @@ class PoolRegistry:
                 rows[pool_id] = result
                 if result.last_error:
                     self._causes[pool_id] = result.last_error
+                elif result.ready:  # recovered: an old cause would mislead the next outage's row
+                    self._causes.pop(pool_id, None)
         await self._follow_models(rows)
+        self._keep_sent(rows, began)
         self._set_rows(rows)
         self._taken_at = time.monotonic()
+        self._announce(rows)
         self._nudge_supervisor()
 
     async def _follow_models(self, rows: dict[str, PoolView]) -> None:
@@ -115,6 +145,13 @@ class PoolRegistry:
     def _set_rows(self, rows: dict[str, PoolView]) -> None:
         self._rows = rows
         self._views = list(rows.values())
+
+    def _announce(self, rows: dict[str, PoolView]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(rows)
+            except Exception:  # a chart must never break placement
+                log.exception("registry listener failed")
 
     def _nudge_supervisor(self) -> None:
         """Keep the supervisor's loop running, even after Ray restarted the supervisor
@@ -163,12 +200,52 @@ class PoolRegistry:
         """Drop a handle that failed: the supervisor may have replaced the actor."""
         self.pools.forget(pool_id)
 
-    def note_admitted(self, pool_id: str) -> None:
-        """Count a task this replica just queued into its cached row, so decisions made
-        before the next refresh spread over equal pools instead of piling onto one."""
+    def note_admitted(self, pool_id: str, prefix: bytes = b"", task_id: Optional[str] = None) -> None:
+        """Count a task this replica just placed into its cached row, so decisions made
+        before the next refresh spread over equal pools instead of piling onto one; its
+        prompt's packed block hashes (``prefix``) join the row's cached prefixes likewise.
+        With ``task_id``, ``note_finished`` takes it out again when its stream ends."""
         row = self._rows.get(pool_id)
         if row is not None:
-            self._set_rows(dict(self._rows, **{pool_id: row.with_admitted()}))
+            if task_id is not None:
+                self._counted[task_id] = None
+                while len(self._counted) > LOCATOR_CAPACITY:
+                    self._counted.popitem(last=False)
+            row = row.with_admitted()
+            if prefix:
+                row = replace(row, prefix_hashes=merged(prefix, row.prefix_hashes))
+                self._sent.setdefault(pool_id, []).append((time.monotonic(), prefix))
+            self._set_rows(dict(self._rows, **{pool_id: row}))
+
+    def note_finished(self, task_id: str, pool_id: str) -> None:
+        """A task counted by ``note_admitted`` ended: its pool has one task less than the
+        cached row says (a row refreshed since never counted it twice: rows are replaced
+        whole, and only the current one is corrected), so the next turn of a conversation
+        does not see its own previous turn as load."""
+        if task_id not in self._counted:
+            return
+        del self._counted[task_id]
+        row = self._rows.get(pool_id)
+        if row is None:
+            return
+        if row.queue_depth > 0:
+            row = replace(row, queue_depth=row.queue_depth - 1)
+        else:
+            row = replace(row, active_slots=max(0, row.active_slots - 1))
+        self._set_rows(dict(self._rows, **{pool_id: row}))
+
+    def _keep_sent(self, rows: dict[str, PoolView], began: float) -> None:
+        """Hashes sent after this refresh began may be missing from its snapshots: keep them."""
+        for pool_id, sent in list(self._sent.items()):
+            sent = [(at, packed) for at, packed in sent if at >= began]
+            row = rows.get(pool_id)
+            if not sent or row is None or not row.ready:
+                self._sent.pop(pool_id, None)
+                continue
+            self._sent[pool_id] = sent
+            for _, packed in sent:
+                row = replace(row, prefix_hashes=merged(packed, row.prefix_hashes))
+            rows[pool_id] = row
 
     # -- task locator --------------------------------------------------------------------
     def remember(self, task_id: str, pool_id: str) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,31 @@ from orch.config import project_root
 from tests.conftest import free_port, read_sse
 
 pytestmark = pytest.mark.integration
+
+
+def _eight_streams_decode_together(client: httpx.Client) -> None:
+    """The embedded default serves 8 concurrent streams at once: every task has started
+    before the first one ends (one slot at a time would end the first before the eighth starts)."""
+    task_ids = []
+    for index in range(8):
+        admitted = client.post("/v2/tasks", json={"prompt": f"Story {index}:", "max_tokens": 24, "seed": index,
+                                                  "ignore_eos": True})
+        assert admitted.status_code == 202, admitted.text
+        task_ids.append(admitted.json()["task_id"])
+    marks: dict[str, dict[str, float]] = {}
+
+    def follow(task_id: str) -> None:
+        def mark(kind: str, data: dict) -> None:
+            marks.setdefault(task_id, {})[kind] = time.monotonic()
+
+        with client.stream("GET", f"/v2/tasks/{task_id}/events") as stream:
+            events = read_sse(stream, mark)
+        assert events[-1][1] == "end" and events[-1][2]["tokens_out"] == 24, events[-1]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(follow, task_ids))
+    assert all("end" in marks[t] for t in task_ids), marks
+    assert max(marks[t]["started"] for t in task_ids) < min(marks[t]["end"] for t in task_ids), marks
 
 
 def test_serve_run_home_profile_streams_tokens(tmp_path: Path):
@@ -61,6 +87,7 @@ def test_serve_run_home_profile_streams_tokens(tmp_path: Path):
                 events = read_sse(stream)
             assert events[0][1] == "started"
             assert events[-1][1] == "end" and events[-1][2]["tokens_out"] == 8
+            _eight_streams_decode_together(client)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -88,6 +88,10 @@ def test_values_follow_the_work(client):
     assert value(after, "tasks_rejected", "tasks_rejected_total", reason="ADMISSION_REJECT") >= refused
     assert value(after, "latency_first_token_ms", "latency_first_token_ms_count", priority="interactive") >= 1
     assert value(after, "placement_decisions", "placement_decisions_total", outcome="placed", pinned="false") >= 1
+    # The streamed task's first-token time, split into orchestrator, queue and engine.
+    for part in ("orchestrator", "queue", "engine"):
+        split = ("latency_first_token_split_ms", "latency_first_token_split_ms_count")
+        assert value(after, *split, part=part) >= value(before, *split, part=part) + 1, part
     assert value(after, "model_state", "model_state", pool_id="default", state="Ready") == 1
     for blocker in blockers:
         if blocker.status_code == 202:

@@ -81,7 +81,7 @@ def occupy_the_slot(client: httpx.Client, seed: int) -> str:
     """Start a long task on the idle default pool (v2, by its alias) and wait until it runs."""
     wait_for(lambda: load() == (0, 0), what="the default pool to be idle")
     response = client.post("/v2/tasks", json={"prompt": LONG_PROMPT, "max_tokens": 500, "seed": seed,
-                                              "model_ref": "smollm2"})
+                                              "model_ref": "smollm2", "ignore_eos": True})
     assert response.status_code == 202, response.text
     wait_for(lambda: load() == (1, 0), what="the long task to start")
     return response.json()["task_id"]
@@ -286,13 +286,10 @@ def test_bad_chat_messages_name_the_field(client):
 @pytest.mark.parametrize(
     "path, extra, param",
     [
-        ("/v1/chat/completions", {"n": 2}, "n"),
-        ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
-        ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
-        ("/v1/completions", {"n": 2}, "n"),
-        ("/v1/completions", {"logprobs": 2}, "logprobs"),
+        ("/v1/chat/completions", {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),
+        ("/v1/completions", {"best_of": 2}, "best_of"),
+        ("/v1/completions", {"suffix": "and so on"}, "suffix"),
         ("/v1/completions", {"prompt": [[1, 2, 3]]}, "prompt"),
         ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ],
@@ -367,7 +364,8 @@ def test_error_mid_stream_ends_with_an_error_chunk_then_done(client, oai):
 
 def test_client_going_away_mid_stream_cancels_the_task(client):
     before = snapshot()["counters"]["cancelled"]
-    body = {"model": "smollm2", "prompt": LONG_PROMPT, "max_tokens": 400, "seed": 4, "stream": True}
+    body = {"model": "smollm2", "prompt": LONG_PROMPT, "max_tokens": 400, "seed": 4, "stream": True,
+            "ignore_eos": True}
     with httpx.Client(base_url=str(client.base_url), timeout=60) as other:
         with other.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
@@ -387,7 +385,7 @@ def test_client_going_away_mid_stream_cancels_the_task(client):
 
 def test_client_going_away_before_a_plain_answer_cancels_the_task(client):
     before = snapshot()["counters"]["cancelled"]
-    body = {"model": "smollm2", "prompt": LONG_PROMPT, "max_tokens": 400, "seed": 6}
+    body = {"model": "smollm2", "prompt": LONG_PROMPT, "max_tokens": 400, "seed": 6, "ignore_eos": True}
     with httpx.Client(base_url=str(client.base_url), timeout=httpx.Timeout(60, read=1.5)) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/completions", json=body)

@@ -1,8 +1,9 @@
 """The status page and the recent-tasks list it polls, served under a route prefix.
 
-The browser test drives a real headless Chromium (Debian's chromium + chromium-driver, which
-``scripts/setup.sh test`` installs where it may): it sees a running task, presses its cancel
-button and sees the task cancelled.
+The browser tests drive a real headless Chromium (Debian's chromium + chromium-driver, which
+``scripts/setup.sh test`` installs where it may): one sees a running task, presses its cancel
+button and sees the task cancelled; one sees the live charts drawn. The last test restarts
+the pool: its tasks stay listed.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ import time
 
 import httpx
 import pytest
+import ray
 
-from tests.conftest import home_config, read_sse
+from orch.pools.actor import pool_handle
+from tests.conftest import home_config, read_sse, wait_for
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "/uitest"
+NAMESPACE = "uitest"  # the deploy fixture names the app's namespace after the app
 LONG_TASK = {"prompt": "Once upon a time", "max_tokens": 1500, "seed": 11}
 WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
 def client(deploy) -> httpx.Client:
-    return deploy(home_config(), name="uitest", route_prefix=PREFIX)
+    # One slot: a long task holds it and the next one queues (the tests below rely on that).
+    return deploy(home_config(slots=1), name=NAMESPACE, route_prefix=PREFIX)
 
 
 def browser_binaries() -> tuple[str | None, str | None]:
@@ -194,3 +199,51 @@ def test_status_page_shows_an_unreachable_server(client, browser):
     browser.execute_script("history.replaceState(null, '', '/no-such-prefix/ui')")
     banner = wait.until(lambda d: d.find_element(By.ID, "banner") if d.find_element(By.ID, "banner").is_displayed() else None)
     assert "Cannot refresh" in banner.text
+
+
+def test_live_series_has_what_this_replica_relayed(client):
+    finish(client, {"prompt": "Once upon a time", "max_tokens": 5, "seed": 3})
+    pools = client.get("/v2/ui/series").json()["pools"]
+    default = pools["default"]
+    assert sum(default["tokens_per_s"]) >= 5
+    assert any(ms is not None and ms > 0 for ms in default["ttft_ms"])
+    assert len(default["ago_s"]) == len(default["queue_depth"]) and all(0 <= ago <= 300 for ago in default["ago_s"])
+    assert client.get("/v2/ui/series", params={"seconds": "0"}).status_code == 400
+
+
+def test_status_page_draws_live_charts(client, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    finish(client, {"prompt": "Once upon a time", "max_tokens": 5, "seed": 4})
+    browser.get_log("browser")  # what earlier tests left in the log
+    browser.get(page_url(client))
+    wait = WebDriverWait(browser, WAIT_S, poll_frequency=0.2)
+    for chart in ("chart-ttft", "chart-tokens", "chart-queue"):
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#{chart} [data-pool="default"]'))
+    assert "default" in browser.find_element(By.ID, "legend").text
+    severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert severe == [], severe
+
+
+def test_tasks_stay_listed_after_their_pool_restarts(client):
+    """Runs last in this module: it restarts the pool the other tests use."""
+    done = finish(client, {"prompt": "Once upon a time", "max_tokens": 2, "seed": 5})
+    running = start_long_task(client)  # the ingress has seen it running
+    killed = pool_handle("default", NAMESPACE)
+    ray.kill(killed, no_restart=True)
+
+    def replaced():
+        try:
+            return pool_handle("default", NAMESPACE)._actor_id != killed._actor_id
+        except ValueError:  # between the old actor and the new one
+            return False
+
+    wait_for(replaced, WAIT_S, every_s=0.25)
+    pool = wait_for(lambda: (p := client.get("/readyz").json()["pools"]["default"])["ready"] and p, WAIT_S, every_s=0.25)
+    assert "restarting in" not in (pool["last_error"] or "")
+    health = client.get("/v2/pools/default/health").json()
+    assert "restarting in" not in (health["last_error"] or "")
+    answer = wait_for(lambda: (a := client.get("/v2/tasks").json())["unreachable_pools"] == [] and a, WAIT_S)
+    states = {t["task_id"]: t["state"] for t in answer["tasks"]}
+    assert states[done] == "ended" and states[running] == "lost"

@@ -5,7 +5,6 @@ long prompts do not disturb the others, a full KV cache is a typed error, never 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 
@@ -22,12 +21,12 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fib(n):", "Tell 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
-@dataclasses.dataclass(frozen=True)
-class Params(GenerationParams):
-    """The pool's parameters plus the ones this engine also reads when given."""
+Params = GenerationParams
 
-    ignore_eos: bool = False
-    repetition_penalty: float = 1.0
+
+def text_of(item) -> str:
+    """An emitted item's text (a str is one token; a Piece may carry several)."""
+    return item if isinstance(item, str) else item.text
 
 
 def model_path():
@@ -57,7 +56,7 @@ def engine():
 def alone(engine, prompt: str, **params) -> tuple[str, FinishReason]:
     parts: list[str] = []
     finish = engine.generate(0, prompt, Params(**{"max_tokens": 12, "seed": 7, **params}),
-                             lambda text: parts.append(text) or True)
+                             lambda item: parts.append(text_of(item)) or True)
     return "".join(parts), finish
 
 
@@ -66,7 +65,7 @@ async def together(engine, requests: list[tuple[str, dict]], emit_factory=None) 
 
     async def one(index: int, prompt: str, params: dict):
         parts: list[str] = []
-        emit = emit_factory(index, parts) if emit_factory else (lambda text: parts.append(text) or True)
+        emit = emit_factory(index, parts) if emit_factory else (lambda item: parts.append(text_of(item)) or True)
         try:
             finish = await engine.generate_async(index, prompt, Params(**{"max_tokens": 12, "seed": 7, **params}), emit)
         except EngineError as exc:
@@ -83,7 +82,8 @@ def test_the_batching_option_selects_the_batched_engine_and_is_checked():
 
     path = model_path()
     assert isinstance(llamacpp_engine(path, batching=True), BatchedLlamaCppEngine)
-    assert type(llamacpp_engine(path)) is LlamaCppEngine
+    assert isinstance(llamacpp_engine(path), BatchedLlamaCppEngine)  # the default
+    assert type(llamacpp_engine(path, batching=False)) is LlamaCppEngine
     assert type(llamacpp_engine(path, batching=True, embedding=True)) is LlamaCppEngine  # embeds per slot
     for options, message in (({"batching": "yes"}, "batching must be true or false"),
                              ({"prefill_chunk": 0}, "prefill_chunk must be a whole number"),
@@ -148,14 +148,16 @@ def test_concurrent_sequences_give_the_text_each_gives_alone(engine, sampling):
     assert engine.stats["steps"] - steps_before < 60
 
 
-def test_a_strict_request_gives_the_same_text_alone_and_amid_seven_others():
+def test_strict_requests_give_the_same_text_alone_and_amid_seven_others():
     engine = load(slots=8)
     try:
-        strict = ("Write a haiku about rain.", {"temperature": 0.9, "seed": 11, "reuse_prefix": False})
-        expected = alone(engine, strict[0], **strict[1])
+        strict = ("Write a haiku about rain.", {"temperature": 0.9, "seed": 11, "reuse_prefix": False, "strict": True})
+        schema = (CHAT.format("Describe a cat as JSON."), {"temperature": 0.9, "seed": 11, "reuse_prefix": False,
+                                                            "strict": True, "json_schema": '{"type": "object"}'})
+        expected = [alone(engine, *request[:1], **request[1]) for request in (strict, schema)]
         others = [(prompt, {"temperature": 0.8, "seed": n}) for n, prompt in enumerate(PROMPTS[:7])]
-        results = asyncio.run(together(engine, others[:3] + [strict] + others[3:]))
-        assert results[3] == expected
+        results = asyncio.run(together(engine, others[:3] + [strict] + others[3:] + [schema]))
+        assert [results[3], results[-1]] == expected
         assert all(isinstance(result, tuple) for result in results)
     finally:
         engine.close()
@@ -166,8 +168,8 @@ def test_cancelling_one_sequence_mid_batch_leaves_the_others_unchanged(engine):
     expected = [alone(engine, prompt, **params) for prompt, params in requests]
 
     def emit_factory(index, parts):
-        def emit(text: str) -> bool:
-            parts.append(text)
+        def emit(item) -> bool:
+            parts.append(text_of(item))
             return index != 1 or len(parts) < 3  # the second request cancels after its third token
         return emit
 

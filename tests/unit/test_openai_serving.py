@@ -66,7 +66,7 @@ class Registry:
     async def views(self) -> list[PoolView]:
         return self._views
 
-    async def rows(self) -> dict[str, PoolView]:
+    async def rows(self, fresh: bool = True) -> dict[str, PoolView]:
         return {v.pool_id: v for v in self._views}
 
     def model_detail(self, pool_id: str) -> Optional[PoolDetail]:
@@ -294,7 +294,7 @@ def test_a_template_not_fetched_yet_is_a_retriable_refusal():
 def test_messages_the_client_must_fix_name_the_field():
     service, _ = serving([])
     with pytest.raises(OpenAIRequestError) as info:
-        run(service.chat(ChatCompletionRequest(model="smol", messages=[{"role": "tool", "content": "x"}]), ""))
+        run(service.chat(ChatCompletionRequest(model="smol", messages=[{"role": "robot", "content": "x"}]), ""))
     assert info.value.param == "messages[0].role"
 
 

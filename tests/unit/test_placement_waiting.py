@@ -79,7 +79,7 @@ def test_held_pool_of_another_model_or_engine_or_workload_is_not_waited_for():
 def test_pin_selects_only_the_pinned_pool_or_replica_set():
     pools = [waiting("a"), waiting("b", replica_set="set")]
     pin = PlacementOverrides(mode=PlacementMode.pin, pin_pool_id="set")
-    assert preparing_pool(pools, overrides=pin) == PlacementDecision("b", pinned=True, candidates_considered=1)
+    assert preparing_pool(pools, overrides=pin) == PlacementDecision("b", pinned=True, candidates_considered=1, reason="pinned")
     gone = PlacementOverrides(mode=PlacementMode.pin, pin_pool_id="zzz")
     assert preparing_pool(pools, overrides=gone) is None
 

@@ -5,24 +5,29 @@ they share (``common``).
 Which fields are accepted, on purpose:
 
 - **Honoured**: ``model``, ``prompt`` / ``messages``, ``max_tokens`` (and
-  ``max_completion_tokens`` for chat), ``temperature``, ``top_p``, ``seed``, ``stop`` (a
-  string or up to ``MAX_STOP`` strings), ``stream``, ``stream_options.include_usage``,
-  ``echo`` (completions), ``input`` / ``encoding_format`` / ``dimensions`` (embeddings,
-  where ``dimensions`` must equal the model's own), and the common extensions ``top_k``,
-  ``min_p``, ``repetition_penalty`` and ``ignore_eos`` (vLLM's benchmark client sends the last
-  two with every request). ``top_p`` must be above 0, ``seed`` at least 0, ``min_p`` within
-  [0, 1] and ``repetition_penalty`` above 0 (as in ``TaskRequest``).
+  ``max_completion_tokens`` for chat; 0 on completions only with ``echo``), ``temperature``,
+  ``top_p``, ``seed``, ``stop`` (a string or up to ``MAX_STOP`` strings), ``stream``,
+  ``stream_options.include_usage``, ``n`` (1-8: one task per choice, on one pool, seeded
+  ``seed + index``), ``presence_penalty`` / ``frequency_penalty`` ([-2, 2]), ``logit_bias``
+  (token id -> [-100, 100]), ``logprobs`` (completions: 0-5 alternatives; chat: true, with
+  ``top_logprobs`` 0-20), ``echo`` (completions; with ``logprobs``, the prompt's tokens are
+  scored too, the first with a null logprob), ``response_format`` (``text``, ``json_object``,
+  ``json_schema`` checked against the JSON Schema meta-schema), ``input`` /
+  ``encoding_format`` / ``dimensions`` (embeddings, where ``dimensions`` must equal the
+  model's own), and the common extensions ``top_k``, ``min_p``, ``typical_p``,
+  ``repetition_penalty``, ``min_tokens`` and ``ignore_eos`` (vLLM's benchmark client sends
+  ``repetition_penalty`` and ``ignore_eos`` with every request). A parameter the serving
+  pool's engine cannot honour is a 400 naming it and the engine (``orch.core.engine_features``).
+- **Recorded, output unchanged**: ``user`` (in the logs and the transcript, never a metric label).
 - **Accepted at their no-op value only** (anything else is a 400 naming the field, code
-  ``unsupported_parameter``): ``n`` and ``best_of`` (1), ``logprobs`` (null / false),
-  ``top_logprobs`` (0), ``presence_penalty`` and ``frequency_penalty`` (0), ``logit_bias``
-  (empty), ``suffix`` (empty), ``tools`` / ``functions`` (empty), ``tool_choice`` and
-  ``function_call`` ("none" / "auto" with no tools), ``response_format`` (``text``),
-  ``modalities`` (``["text"]``), ``audio``, ``prediction``, ``reasoning_effort``,
-  ``verbosity``, ``web_search_options`` and ``moderation`` (null).
-- **Accepted and ignored**, because they do not change the output: ``user``,
-  ``safety_identifier``, ``metadata``, ``store`` (nothing is stored here either way),
-  ``service_tier``, ``parallel_tool_calls``, ``prompt_cache_key``,
-  ``prompt_cache_retention``, ``prompt_cache_options``, ``stream_options.include_obfuscation``.
+  ``unsupported_parameter``): ``best_of`` (1), ``suffix`` (empty), ``functions`` (empty),
+  ``function_call`` ("none" / "auto"), ``modalities`` (``["text"]``), ``audio``,
+  ``prediction``, ``reasoning_effort``, ``verbosity``, ``web_search_options`` and
+  ``moderation`` (null).
+- **Accepted and ignored**, because they do not change the output: ``safety_identifier``,
+  ``metadata``, ``store`` (nothing is stored here either way), ``service_tier``,
+  ``prompt_cache_key``, ``prompt_cache_retention``, ``prompt_cache_options``,
+  ``stream_options.include_obfuscation``.
 - **Anything else** is refused (code ``unknown_parameter``), as the v2 API does, so a typo
   never silently changes behaviour.
 
@@ -39,6 +44,9 @@ from orch.api.openai.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatTokenLogprob,
+    ChoiceLogprobs,
+    TopLogprob,
 )
 from orch.api.openai.common import (
     DEFAULT_MAX_TOKENS,
@@ -49,13 +57,15 @@ from orch.api.openai.common import (
     UNKNOWN_PARAMETER,
     UNSUPPORTED_PARAMETER,
     GenerationRequest,
+    JsonSchemaFormat,
     OpenAIErrorDetail,
     OpenAIErrorResponse,
+    ResponseFormat,
     StreamOptions,
     Usage,
     error_type,
 )
-from orch.api.openai.completions import Completion, CompletionChoice, CompletionRequest
+from orch.api.openai.completions import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from orch.api.openai.embeddings import EmbeddingCreateRequest, EmbeddingItem, EmbeddingList, EmbeddingUsage
 from orch.api.openai.models import ModelCard, ModelList
 
@@ -67,8 +77,11 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ChatDelta",
+    "ChatTokenLogprob",
+    "ChoiceLogprobs",
     "Completion",
     "CompletionChoice",
+    "CompletionLogprobs",
     "CompletionRequest",
     "DEFAULT_MAX_TOKENS",
     "ERROR_TYPES",
@@ -77,6 +90,7 @@ __all__ = [
     "EmbeddingList",
     "EmbeddingUsage",
     "GenerationRequest",
+    "JsonSchemaFormat",
     "MAX_STOP",
     "MODEL_NOT_FOUND",
     "ModelCard",
@@ -84,7 +98,9 @@ __all__ = [
     "OWNED_BY",
     "OpenAIErrorDetail",
     "OpenAIErrorResponse",
+    "ResponseFormat",
     "StreamOptions",
+    "TopLogprob",
     "UNKNOWN_PARAMETER",
     "UNSUPPORTED_PARAMETER",
     "Usage",

@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from orch.api.openai.common import GenerationRequest, Usage, must_be_null, unsupported
+from orch.api.sampling import MAX_TOP_LOGPROBS
 from orch.api.tasks import MAX_TOKENS_CEILING
 
 #: How a chat message is documented; the chat renderer checks it (orch.core.chat).
@@ -22,9 +23,10 @@ _MESSAGE_SCHEMA = {
     "type": "object",
     "required": ["role", "content"],
     "properties": {
-        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"]},
         "content": {
             "anyOf": [
+                {"type": "null", "description": "only for an assistant message with tool_calls"},
                 {"type": "string"},
                 {"type": "array", "items": {
                     "type": "object", "required": ["type", "text"],
@@ -33,6 +35,14 @@ _MESSAGE_SCHEMA = {
             ]
         },
         "name": {"type": "string"},
+        "tool_calls": {"type": "array", "description": "assistant messages: the calls made", "items": {
+            "type": "object", "required": ["id", "function"],
+            "properties": {"id": {"type": "string"}, "type": {"const": "function"},
+                           "function": {"type": "object", "required": ["name", "arguments"],
+                                        "properties": {"name": {"type": "string"},
+                                                       "arguments": {"type": "string"}}}},
+        }},
+        "tool_call_id": {"type": "string", "description": "tool messages: the call this result answers"},
     },
 }
 
@@ -48,14 +58,17 @@ class ChatCompletionRequest(GenerationRequest):
 
     messages: ChatMessages
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_CEILING)
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
-    tools: Optional[list[Any]] = None
+    logprobs: Optional[bool] = Field(default=None, description="each output token's logprob in choices[].logprobs")
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="alternatives per token (needs logprobs: true)")
+    tools: Optional[list[Any]] = Field(default=None, description="functions the model may call (orch.core.tools "
+                                       "checks them; errors name the field)")
     functions: Optional[list[Any]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = Field(
+        default=None, description="none, auto (the default with tools), required or {type: function, function: "
+        "{name}}; required and a named function are constrained to valid arguments")
     function_call: Optional[Union[str, dict[str, Any]]] = None
-    parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[dict[str, Any]] = None
+    parallel_tool_calls: Optional[bool] = Field(default=None, description="false: at most one call per turn")
     modalities: Optional[list[str]] = None
     audio: Optional[dict[str, Any]] = None
     prediction: Optional[dict[str, Any]] = None
@@ -64,39 +77,25 @@ class ChatCompletionRequest(GenerationRequest):
     web_search_options: Optional[dict[str, Any]] = None
     moderation: Optional[Any] = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Optional[bool]) -> Optional[bool]:
-        if value:
-            raise unsupported("logprobs is not supported; leave it out or set it to false")
-        return value
-
     @field_validator("top_logprobs")
     @classmethod
-    def _no_top_logprobs(cls, value: Optional[int]) -> Optional[int]:
-        if value:
-            raise unsupported("top_logprobs is not supported; leave it out or set it to 0")
+    def _with_logprobs(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, value: Optional[list[Any]], info: ValidationInfo) -> Optional[list[Any]]:
+    def _no_functions(cls, value: Optional[list[Any]]) -> Optional[list[Any]]:
         if value:
-            raise unsupported(f"{info.field_name} is not supported: this server does not do tool calling")
+            raise unsupported("functions (the legacy form) is not supported; send them as tools")
         return value
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_tool_choice(cls, value: Optional[Union[str, dict[str, Any]]], info: ValidationInfo) -> Any:
+    def _no_function_call(cls, value: Optional[Union[str, dict[str, Any]]]) -> Any:
         if value not in (None, "none", "auto"):
-            raise unsupported(f"{info.field_name} is not supported: this server does not do tool calling")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
-        if value is not None and value.get("type") != "text":
-            raise unsupported(f"response_format type {value.get('type')!r} is not supported; only 'text' is")
+            raise unsupported("function_call (the legacy form) is not supported; send tool_choice")
         return value
 
     @field_validator("modalities")
@@ -123,16 +122,86 @@ class ChatCompletionRequest(GenerationRequest):
         """``max_completion_tokens`` (the current name) or ``max_tokens`` (the older one)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def alternatives(self) -> Optional[int]:
+        """``GenerationParams.logprobs``: None without ``logprobs: true``."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[].logprobs``: one entry per output token."""
+
+    content: Optional[list[ChatTokenLogprob]] = None
+    refusal: Optional[list[ChatTokenLogprob]] = None
+
+
+class FunctionCall(BaseModel):
+    name: str
+    #: The arguments as a string of JSON.
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
 
 class AssistantMessage(BaseModel):
+    """The answer: ``content`` (null when tool calls leave none) and ``tool_calls`` (left
+    out when there are none)."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[ToolCall]] = None
+
+    @model_serializer(mode="wrap")
+    def _calls_when_made(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body = handler(self)
+        if body.get("tool_calls") is None:
+            body.pop("tool_calls", None)
+        return body
+
+
+class FunctionCallDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first chunk has ``id``, ``type`` and ``function.name`` (arguments ""); later
+    chunks of the same ``index`` add ``function.arguments`` text."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
 
 
@@ -149,11 +218,12 @@ class ChatCompletion(BaseModel):
 
 
 class ChatDelta(BaseModel):
-    """What a chunk adds to the message: the role once, then content; the last chunk's
-    delta is empty."""
+    """What a chunk adds to the message: the role once, then content or tool calls; the
+    last chunk's delta is empty."""
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
     @model_serializer(mode="wrap")
     def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -163,7 +233,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
 
 

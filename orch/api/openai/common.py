@@ -3,7 +3,7 @@ usage."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
@@ -11,13 +11,14 @@ from pydantic import (
     Field,
     SerializationInfo,
     SerializerFunctionWrapHandler,
-    ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from orch.api.preparation import Preparation
+from orch.api.sampling import JSON_OBJECT_SCHEMA, MAX_CHOICES, logit_bias_pairs, schema_text
 from orch.api.tasks import MAX_SEED, MAX_TOKENS_CEILING
 
 #: Output tokens when the request names no limit (further bounded by the pool's limits).
@@ -120,6 +121,48 @@ class StreamOptions(BaseModel):
     include_obfuscation: Optional[bool] = None
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the output must validate against."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(default="response", min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _a_schema(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        """Checked against the JSON Schema meta-schema before any engine sees it."""
+        schema_text(value)
+        return value
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (no constraint), ``json_object`` (any JSON object) or ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema: {name, schema}")
+        return self
+
+    def schema_text(self) -> Optional[str]:
+        """The JSON Schema the output is constrained to, as JSON text; None for ``text``."""
+        if self.type == "json_object":
+            return schema_text(JSON_OBJECT_SCHEMA)
+        if self.type == "json_schema" and self.json_schema is not None:
+            return schema_text(self.json_schema.schema_ if self.json_schema.schema_ is not None
+                               else JSON_OBJECT_SCHEMA)
+        return None
+
+
 class GenerationRequest(BaseModel):
     """Fields completions and chat share."""
 
@@ -138,12 +181,18 @@ class GenerationRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = Field(default=None, ge=1)
+    n: Optional[int] = Field(default=None, ge=1, le=MAX_CHOICES, description="choices, each its own sequence")
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = None
-    # Accepted and ignored: they change nothing in the output.
+    logit_bias: Optional[dict[str, Any]] = Field(default=None, description="token id -> bias in [-100, 100]")
+    typical_p: Optional[float] = Field(default=None, gt=0.0, le=1.0, description="Extension: locally typical "
+                                       "sampling (1: off)")
+    min_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_CEILING,
+                                      description="Extension (vLLM): no end of generation before this many tokens")
+    response_format: Optional[ResponseFormat] = None
+    #: Recorded in the logs (never a metric label); changes nothing in the output.
     user: Optional[str] = Field(default=None, max_length=512)
+    # Accepted and ignored: they change nothing in the output.
     safety_identifier: Optional[str] = Field(default=None, max_length=512)
     metadata: Optional[dict[str, str]] = None
     store: Optional[bool] = None
@@ -162,29 +211,23 @@ class GenerationRequest(BaseModel):
             raise ValueError("stop sequences must be non-empty strings")
         return value
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: Optional[int]) -> Optional[int]:
-        return only_one(value, "n")
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalties(cls, value: Optional[float], info: ValidationInfo) -> Optional[float]:
-        if value not in (None, 0, 0.0):
-            raise unsupported(f"{info.field_name} is not supported; leave it out or set it to 0")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        if value:
-            raise unsupported("logit_bias is not supported; leave it out")
+    def _token_ids(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        logit_bias_pairs(value)
         return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    def json_schema(self) -> Optional[str]:
+        return self.response_format.schema_text() if self.response_format is not None else None
 
     @property
     def include_usage(self) -> bool:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from orch.api.openai.common import GenerationRequest, Usage, must_be_null, only_one, unsupported
+from orch.api.openai.common import GenerationRequest, Usage, only_one, unsupported
+from orch.api.sampling import MAX_COMPLETION_LOGPROBS
+from orch.api.tasks import MAX_TOKENS_CEILING
 
 
 class CompletionRequest(GenerationRequest):
     """``POST /v1/completions`` body: one text prompt (or a list holding one)."""
 
     prompt: Union[str, list[str]] = Field(description="Text; a list must hold exactly one string")
+    max_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_CEILING,
+                                      description="0 only with echo: the prompt scored, nothing generated")
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+                                    description="each token's logprob and this many alternatives")
     best_of: Optional[int] = Field(default=None, ge=1)
     suffix: Optional[str] = None
 
@@ -36,10 +41,11 @@ class CompletionRequest(GenerationRequest):
             raise ValueError("prompt must not be empty")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Optional[int]) -> Optional[int]:
-        return must_be_null(value, "logprobs")
+    @model_validator(mode="after")
+    def _nothing_to_generate(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo (to return the prompt and its logprobs)")
+        return self
 
     @field_validator("best_of")
     @classmethod
@@ -57,10 +63,20 @@ class CompletionRequest(GenerationRequest):
         return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
 
+class CompletionLogprobs(BaseModel):
+    """Per token of ``text``: the token, its logprob (null for a prompt's first token), the
+    likeliest alternatives and where the token starts in ``text``."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     #: stop, length, or cancelled (an operator cancelled or drained the task).
     finish_reason: Optional[str] = None
 

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from orch.api.openai.common import OWNED_BY
 
 
+class ModelPool(BaseModel):
+    """A Ready pool serving the model: its engine and the request parameters it honours."""
+
+    pool_id: str
+    engine: str
+    parameters: list[str]
+
+
 class ModelCard(BaseModel):
-    """A model a Ready pool serves; ``id`` is what requests name in ``model``."""
+    """A model a Ready pool serves; ``id`` is what requests name in ``model``; ``pools``
+    (an extension) says which parameters each pool serving it honours."""
 
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = OWNED_BY
+    pools: list[ModelPool] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -13,14 +13,19 @@ from starlette.responses import JSONResponse, Response
 from orch.api.meta import API_VERSION, Capabilities, PoolCapabilities, VersionInfo
 from orch.api.pools import PoolView
 from orch.config import project_root
+from orch.core import engine_features
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
 
-BASE_FEATURES = ("streaming", "cancel", "seed", "resume", "priorities", "placement_overrides", "transcripts")
+BASE_FEATURES = ("streaming", "cancel", "seed", "resume", "priorities", "placement_overrides", "transcripts", "n")
+#: Features that follow from a parameter the pool's engine honours.
+OUTPUT_FEATURES = (("logprobs", "logprobs"), ("prompt_logprobs", "prompt_logprobs"),
+                   ("structured_output", "json_schema"), ("grammar", "grammar"))
 
 
-def pool_features(row: PoolView) -> list[str]:
+def pool_features(row: PoolView, parameters: frozenset[str]) -> list[str]:
     features = list(BASE_FEATURES)
+    features += [name for name, needs in OUTPUT_FEATURES if needs in parameters]
     if row.has_chat_template:
         features.append("chat_template")
     if "embedding" in row.workloads:
@@ -62,6 +67,7 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
         pools = []
         for pool in state.config.pools:
             row = rows[pool.id]  # every configured pool has a row (a made-up one while it is down)
+            parameters = engine_features.supported(engine_features.variant(pool.engine.value, pool.engine_options))
             pools.append(PoolCapabilities(
                 pool_id=pool.id,
                 ready=row.ready,
@@ -73,7 +79,8 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
                 max_tokens_out=pool.max_tokens_out or row.ctx_max,
                 slots=pool.slots,
                 workloads=list(row.workloads),
-                features=pool_features(row),
+                features=pool_features(row, parameters),
+                parameters=sorted(parameters),
             ))
         return JSONResponse(Capabilities(api_version=API_VERSION, pools=pools).model_dump())
 

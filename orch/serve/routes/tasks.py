@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from orch.api.tasks import ID_PATTERN, AdmissionResponse, StreamLinks, TaskRequest
+from orch.observability.logs import bind
 from orch.serve import sse
 from orch.serve.http import correlation_id, explain_validation, invalid, no_content, read_json
 from orch.serve.routing import ApiRoute
@@ -43,6 +44,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
             task = TaskRequest.model_validate(body)
         except ValidationError as exc:
             raise invalid(explain_validation(exc)) from None
+        bind(user=task.user)
         admitted = await service.admit(task, correlation_id(request))
         result = admitted.result
         admission = AdmissionResponse(

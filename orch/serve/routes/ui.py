@@ -1,4 +1,5 @@
-"""The operator's status page (``/ui``) and the recent-tasks JSON it polls (``GET /v2/tasks``).
+"""The operator's status page (``/ui``), the recent-tasks JSON it polls (``GET /v2/tasks``)
+and the points of its live charts (``GET /v2/ui/series``).
 
 The page is one HTML file with its CSS and JS inline, shipped in the package: no build step
 and nothing fetched from elsewhere. It calls the API with relative URLs only, so it works
@@ -19,7 +20,9 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from orch.observability.series import HISTORY_S
 from orch.serve.http import invalid
+from orch.serve.recent import TaskBook
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
 
@@ -36,6 +39,9 @@ class TaskState(str, Enum):
     ended = "ended"
     error = "error"
     cancelled = "cancelled"
+    #: Queued or running when its pool stopped listing it: the pool restarted (or lost its
+    #: engine) and the task's record went with it.
+    lost = "lost"
 
 
 class TaskSummary(BaseModel):
@@ -46,6 +52,24 @@ class TaskSummary(BaseModel):
     tokens_out: int = Field(ge=0)
     queue_position: Optional[int] = Field(default=None, ge=0, description="tasks ahead while queued; none otherwise")
     age_ms: int = Field(ge=0, description="time since admission")
+
+
+class SeriesPoints(BaseModel):
+    """One pool's points, oldest first, one per second that had any."""
+
+    ago_s: list[int]
+    tokens_per_s: list[int] = Field(description="tokens this ingress replica relayed in that second")
+    ttft_ms: list[Optional[float]] = Field(description="mean first-token time of the requests this replica served "
+                                           "whose first token came in that second (orchestrator + queue + engine)")
+    queue_depth: list[Optional[int]] = Field(description="queue depth in the last view read that second")
+
+
+class LiveSeriesAnswer(BaseModel):
+    """The last minutes per pool as this ingress replica saw them (the status page's charts)."""
+
+    now: int
+    seconds: int
+    pools: dict[str, SeriesPoints]
 
 
 class RecentTasks(BaseModel):
@@ -59,24 +83,30 @@ class RecentTasks(BaseModel):
 def routes(state: IngressState) -> list[ApiRoute]:
     registry = state.registry
     pool_ids = [pool.id for pool in state.config.pools]
+    book = TaskBook()
     page, security_policy = _load_page()
 
     async def tasks_of(pool_id: str, limit: int) -> list[dict[str, Any]]:
-        return await registry.pools.call(pool_id, "recent_tasks", limit, timeout=POOL_ANSWER_TIMEOUT_S)
+        return await registry.pools.call(pool_id, "recent_tasks", limit, timeout=POOL_ANSWER_TIMEOUT_S, retry=True)
 
     async def recent_tasks(request: Request) -> Response:
+        """Each pool's newest tasks, merged into what this replica remembers, so tasks outlive
+        a restart of their pool (orch/serve/recent.py)."""
         limit = _limit(request)
         answers = await asyncio.gather(*(tasks_of(pid, limit) for pid in pool_ids), return_exceptions=True)
-        rows: list[dict[str, Any]] = []
         unreachable = []
         for pool_id, answer in zip(pool_ids, answers):
             if isinstance(answer, BaseException):
                 unreachable.append(pool_id)
             else:
-                rows += answer
-        rows.sort(key=lambda row: row["age_ms"])
-        body = RecentTasks(tasks=[TaskSummary.model_validate(row) for row in rows[:limit]], unreachable_pools=unreachable)
+                book.answered(pool_id, answer, limit)
+        rows = book.newest(limit)
+        body = RecentTasks(tasks=[TaskSummary.model_validate(row) for row in rows], unreachable_pools=unreachable)
         return JSONResponse(body.model_dump(mode="json"))
+
+    async def live_series(request: Request) -> Response:
+        seconds = _bounded(request, "seconds", 1, HISTORY_S, HISTORY_S)
+        return JSONResponse(LiveSeriesAnswer.model_validate(state.series.read(seconds)).model_dump(mode="json"))
 
     async def status_page(request: Request) -> Response:
         return HTMLResponse(page, headers={
@@ -93,6 +123,10 @@ def routes(state: IngressState) -> list[ApiRoute]:
         ApiRoute("GET", "/v2/tasks", recent_tasks, "Recent tasks of every pool, newest first (no prompt text)", "tasks",
                  answers={200: RecentTasks}, query={"limit": f"most tasks listed, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT})"},
                  errors=(400, 401)),
+        ApiRoute("GET", "/v2/ui/series", live_series, "The last minutes per pool as this ingress replica saw them: "
+                 "tokens/s, first-token time, queue depth (the status page's charts)", "operations",
+                 answers={200: LiveSeriesAnswer}, query={"seconds": f"history wanted, 1-{HISTORY_S} (default {HISTORY_S})"},
+                 errors=(400, 401)),
         ApiRoute("GET", "/ui", status_page, "Status page: pools and recent tasks", "operations",
                  answers={200: ("text/html", "the status page")}, errors=(401,), include_in_schema=False),
         ApiRoute("GET", "/", to_status_page, "Redirect to the status page", "operations",
@@ -101,11 +135,15 @@ def routes(state: IngressState) -> list[ApiRoute]:
 
 
 def _limit(request: Request) -> int:
-    raw = request.query_params.get("limit")
+    return _bounded(request, "limit", 1, MAX_LIMIT, DEFAULT_LIMIT)
+
+
+def _bounded(request: Request, name: str, low: int, high: int, default: int) -> int:
+    raw = request.query_params.get(name)
     if raw is None:
-        return DEFAULT_LIMIT
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not 1 <= int(raw) <= MAX_LIMIT:
-        raise invalid(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9 or not low <= int(raw) <= high:
+        raise invalid(f"{name} must be a whole number from {low} to {high}")
     return int(raw)
 
 
