@@ -19,7 +19,7 @@ TTFT = from sending the request to the first streamed text, at the client. "hit"
 pools' own estimate of prompt tokens found cached (``prefix_hit_tokens_total`` over hit +
 miss, from /metrics). "vs least-loaded" = least-loaded's TTFT p50 / this policy's.
 
-    python bench/prefix_routing.py [--quick] [--json out.json]
+    python bench/prefix_routing.py [--quick] [--only mock|llamacpp] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ def words(rng: random.Random, count: int) -> str:
     return " ".join(rng.choice(VOCAB) for _ in range(count))
 
 
-def plan(quick: bool) -> dict[str, Any]:
+def plan(quick: bool, only: str = "") -> dict[str, Any]:
     if quick:
         return dict(mock=dict(conversations=4, turns=3, context=400, systems=2, shared=8, unique=8, concurrency=4),
                     llama=None)
-    return dict(mock=dict(conversations=8, turns=6, context=1200, systems=4, shared=48, unique=32, concurrency=8),
+    full = dict(mock=dict(conversations=8, turns=6, context=1200, systems=4, shared=48, unique=32, concurrency=8),
                 llama=dict(conversations=4, turns=4, context=250, systems=2, shared=12, concurrency=4))
+    if only:
+        full["llama" if only == "mock" else "mock"] = None
+    return full
 
 
 class Client:
@@ -137,8 +140,8 @@ def unique_prompts(spec: dict[str, Any], seed: int) -> list[str]:
     return [f"{n}: {words(rng, spec['context'] // 2)}\nAssistant:" for n in range(spec["unique"])]
 
 
-async def run_policy(base: str, quick: bool) -> dict[str, dict[str, Any]]:
-    spec = plan(quick)
+async def run_policy(base: str, quick: bool, only: str = "") -> dict[str, dict[str, Any]]:
+    spec = plan(quick, only)
     client = Client(base)
     out: dict[str, dict[str, Any]] = {}
 
@@ -154,11 +157,12 @@ async def run_policy(base: str, quick: bool) -> dict[str, dict[str, Any]]:
 
     try:
         mock = spec["mock"]
-        await phase("mock multi-turn", "mock", multi_turn(client, MOCK_MODEL, mock, 11, 12))
-        await phase("mock shared-system", "mock", single_turns(client, MOCK_MODEL, shared_prompts(mock, 12),
+        if mock is not None:
+            await phase("mock multi-turn", "mock", multi_turn(client, MOCK_MODEL, mock, 11, 12))
+            await phase("mock shared-system", "mock", single_turns(client, MOCK_MODEL, shared_prompts(mock, 12),
+                                                                   mock["concurrency"], 12))
+            await phase("mock no-shared", "mock", single_turns(client, MOCK_MODEL, unique_prompts(mock, 13),
                                                                mock["concurrency"], 12))
-        await phase("mock no-shared", "mock", single_turns(client, MOCK_MODEL, unique_prompts(mock, 13),
-                                                           mock["concurrency"], 12))
         llama = spec["llama"]
         if llama is not None:
             await phase("llama.cpp multi-turn", "llama", multi_turn(client, LLAMA_MODEL, llama, 21, 8))
@@ -169,23 +173,27 @@ async def run_policy(base: str, quick: bool) -> dict[str, dict[str, Any]]:
     return out
 
 
-def pools(quick: bool) -> list[dict[str, Any]]:
+def pools(quick: bool, only: str = "") -> list[dict[str, Any]]:
     mocks = [mock_pool(f"mock-{i}", slots=2, tokens_per_s=100, first_token_ms=5, prefill_ms_per_token=PREFILL_MS)
              for i in range(4)]
-    if quick:
+    if quick or only == "mock":
         return mocks
-    return mocks + [smollm2_pool(f"llama-{i}", threads=1, slots=2) for i in range(2)]
+    llamas = [smollm2_pool(f"llama-{i}", threads=1, slots=2) for i in range(2)]
+    return llamas if only == "llamacpp" else mocks + llamas
 
 
 def main() -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    cli = parser(__doc__.splitlines()[0])
+    cli.add_argument("--only", choices=("mock", "llamacpp"), default="",
+                     help="run one part: the mock pools or the two llama.cpp pools")
+    args = cli.parse_args()
     banner("prefix_routing", args.quick)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for policy in POLICIES:
         log(f"policy {policy}")
-        with orchestrator(pools(args.quick), name=f"prefix-{policy.replace('_', '-')}", num_cpus=4,
+        with orchestrator(pools(args.quick, args.only), name=f"prefix-{policy.replace('_', '-')}", num_cpus=4,
                           access_log=False, placement=policy) as orch:
-            results[policy] = asyncio.run(run_policy(orch.base_url, args.quick))
+            results[policy] = asyncio.run(run_policy(orch.base_url, args.quick, args.only))
     rows = []
     for phase in results["prefix"]:
         base = results["least_loaded"][phase]["p50_ms"]
@@ -194,11 +202,12 @@ def main() -> int:
             rows.append([phase, policy, row["n"], fmt(row["p50_ms"], 1), fmt(row["p90_ms"], 1),
                          "-" if row["hit"] != row["hit"] else f"{100 * row['hit']:.0f} %",
                          fmt_ratio(ratio(base, row["p50_ms"]))])
-    notes = [f"Mock pools: 4 x 2 slots, prefill {PREFILL_MS} ms per uncached prompt word, 100 tokens/s."]
-    if not args.quick:
-        notes.append("llama.cpp pools: 2 x SmolLM2-135M Q4_1, 2 slots, 1 thread each, batched engine.")
-    else:
+    notes = [] if args.only == "llamacpp" else [
+        f"Mock pools: 4 x 2 slots, prefill {PREFILL_MS} ms per uncached prompt word, 100 tokens/s."]
+    if args.quick:
         notes.append("Quick run: mock pools only, small workloads.")
+    elif args.only != "mock":
+        notes.append("llama.cpp pools: 2 x SmolLM2-135M Q4_1, 2 slots, 1 thread each, batched engine.")
     print_table("Prefix-aware placement", ["workload", "placement", "n", "TTFT p50 ms", "TTFT p90 ms", "hit",
                                            "vs least-loaded (p50)"], rows, notes)
     write_json(args.json, results)

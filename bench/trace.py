@@ -9,8 +9,8 @@ Every mark is ``time.monotonic()``, one system-wide clock on this host, so the m
 client, Serve's proxy, the ingress replica and the pool actor form one timeline.
 
 Routes: ``/v1/completions`` (stream; one request) and ``/v2/tasks`` (POST, then GET of the
-events). Pool: SmolLM2 on llama.cpp, one slot, 1 thread, no prefix cache (as
-bench/overhead.py), or ``--mock`` (an engine whose first token takes ``--mock-ttft-ms``).
+events). Pool: SmolLM2 on llama.cpp, one slot and 1 thread unless ``--slots``/``--threads``, no
+prefix cache (as bench/overhead.py), or ``--mock`` (an engine whose first token takes ``--mock-ttft-ms``).
 The platform floor (a no-op POST through Serve's HTTP path, one Ray actor round trip) is
 measured in the same run.
 
@@ -219,6 +219,8 @@ def main() -> int:
     p.add_argument("--direct-ingress", action="store_true", help="Serve's direct ingress (no proxy process)")
     p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for Ray/Serve (repeatable), e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    p.add_argument("--slots", type=int, default=1, help="the SmolLM2 pool's slots (8: the home profile's batch)")
+    p.add_argument("--threads", type=int, default=1, help="the SmolLM2 pool's llama.cpp threads")
     args = p.parse_args()
     banner("trace" + (" (direct ingress)" if args.direct_ingress else ""), args.quick)
     levels = [int(x) for x in args.levels.split(",")] if args.levels else ([1, 2] if args.quick else [1, 8])
@@ -233,7 +235,7 @@ def main() -> int:
         options: dict[str, Any] = {"prefix_cache": False}
         if args.unbatched:
             options["batching"] = False
-        pools = [smollm2_pool(threads=1, capacity=256, ctx=2048, engine_options=options)]
+        pools = [smollm2_pool(threads=args.threads, slots=args.slots, capacity=256, ctx=2048, engine_options=options)]
         model = "smollm2"
     from bench.proxy_app import serve_app
 
@@ -254,7 +256,8 @@ def main() -> int:
         asyncio.run(phase())
 
     engine = "mock engine" if args.mock else (
-        "SmolLM2-135M Q4_1, llama.cpp" + (" unbatched" if args.unbatched else "") + ", 1 thread")
+        "SmolLM2-135M Q4_1, llama.cpp" + (" unbatched" if args.unbatched else "")
+        + f", {args.slots} slot(s), {args.threads} thread(s)")
     mode = "direct ingress" if args.direct_ingress else ("Serve env " + " ".join(args.serve_env) if env else "Serve proxy")
     for run in runs:
         print_table(f"Hops of the first token, {run.route}, concurrency {run.concurrency} ({engine}, {mode}, ms)",

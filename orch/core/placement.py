@@ -8,10 +8,12 @@ the shortest expected wait (queue x measured task time) wins, so the same snapsh
 that served its last turn while that pool is a candidate.
 
 Prefix-aware (``policy="prefix"``, the default): a request's prompt comes with its chained
-block hashes (orch/core/prefix.py) and each candidate's score is its expected wait minus the
-prefill its cached prefix would save (overlap tokens x the pool's measured prefill time
-per token). The lowest score wins; equal scores fall to the order above, so with no shared
-prefix the choice is exactly least-loaded's. Pins, avoid lists, device masks and preferred
+block hashes (orch/core/prefix.py) and each candidate's score is its expected wait (the
+sequences it carries beyond its slots, at its measured service time per slot) minus the
+prefill its cached prefix would save (overlap tokens x the pool's measured prefill time per
+token); a pool at capacity keeps no affinity when another pool can start at once and the
+prefill saved is smaller. The lowest score wins; equal scores fall to the order above, so
+with no shared prefix the choice is exactly least-loaded's. Pins, avoid lists, device masks and preferred
 pools narrow the candidates first: overlap only ranks what they allow. Each decision says
 why (``reason``, one of ``REASONS``) with every candidate's score.
 """
@@ -122,21 +124,26 @@ def _held(report: bytes) -> frozenset[int]:
     return unpack(report)
 
 
-def score(pool: PoolView, prompt: Prompt) -> Scored:
-    """``pool``'s expected wait minus the prefill its cached prefix of ``prompt`` saves."""
+def score(pool: PoolView, prompt: Prompt, start_elsewhere: bool = False) -> Scored:
+    """``pool``'s expected wait minus the prefill its cached prefix of ``prompt`` saves. A pool at
+    capacity keeps no affinity when another candidate can start at once and the prefill saved
+    is smaller than the wait (``start_elsewhere``)."""
     blocks = overlap_blocks(prompt.chain, _held(pool.prefix_hashes)) if pool.prefix_hashes and prompt.chain else 0
     tokens = int(blocks * BLOCK_BYTES / (pool.bytes_per_token or DEFAULT_BYTES_PER_TOKEN))
     saved = 0.0
     if prompt.policy == "prefix" and blocks >= MIN_OVERLAP_BLOCKS:
         saved = tokens * (pool.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN)
     wait = pool.expected_wait_ms
+    if start_elsewhere and not pool.can_start_now and saved < wait:
+        saved = 0.0
     return Scored(pool.pool_id, round(wait - saved, 3), tokens, round(wait, 3))
 
 
 def choose(pools: Sequence[PoolView], prompt: Prompt) -> tuple[PoolView, str, int, tuple[Scored, ...]]:
     """The best of ``pools`` for ``prompt``: (pool, reason, overlap tokens, scores best first)."""
     by_vram = all(p.vram_free_bytes is not None for p in pools if p.can_start_now)
-    scored = {p.pool_id: score(p, prompt) for p in pools}
+    free = any(p.can_start_now for p in pools)
+    scored = {p.pool_id: score(p, prompt, free) for p in pools}
     if prompt.policy == "round_robin":
         ordered = sorted(pools, key=lambda p: p.pool_id)
         chosen = ordered[prompt.turn % len(ordered)]

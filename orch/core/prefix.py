@@ -31,6 +31,8 @@ BLOCK_BYTES = 64
 MAX_PROMPT_BLOCKS = 1024
 #: Hashes a pool reports in its view, at most (8 bytes each on the wire).
 MAX_REPORTED = 2048
+#: Fewest uncached prompt tokens a task needs for its first token to measure prefill speed.
+MIN_RATE_TOKENS = 64
 
 _PACK = struct.Struct("<Q")
 
@@ -129,7 +131,9 @@ class PrefixCache:
 
     def prefilled(self, ms: float, uncached_tokens: int) -> None:
         """A task's first token came ``ms`` after its start, with ``uncached_tokens`` to read."""
-        if uncached_tokens < 8 or ms <= 0:  # too few tokens to tell prefill from the first decode step
+        # A mostly cached prompt's first token is the first decode step and the batch it joins,
+        # not prefill: counting it per uncached token would make every cached token look costly.
+        if uncached_tokens < MIN_RATE_TOKENS or ms <= 0:
             return
         rate = ms / uncached_tokens
         self.prefill_ms_per_token = rate if not self.prefill_ms_per_token else (

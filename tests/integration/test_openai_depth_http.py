@@ -205,9 +205,14 @@ def test_an_engine_that_cannot_honour_a_parameter_refuses_it_by_name(client):
 
 
 def test_capabilities_and_models_list_each_pool_s_parameters(client, oai):
-    pools = {pool["pool_id"]: pool for pool in client.get("/v2/meta/capabilities").json()["pools"]}
+    answer = client.get("/v2/meta/capabilities")
+    assert answer.status_code == 200, answer.text
+    pools = {pool["pool_id"]: pool for pool in answer.json()["pools"]}
     assert {"logprobs", "json_schema", "logit_bias", "typical_p"} <= set(pools["default"]["parameters"])
     assert "structured_output" in pools["default"]["features"]
+    # SmolLM2's template shows no tools: forced calls only (constrained), no `auto`.
+    assert "tools" in pools["default"]["features"] and "tool_choice_auto" not in pools["default"]["features"]
+    assert "tools" not in pools["mocky"]["features"]
     assert "logprobs" not in pools["mocky"]["parameters"] and "seed" in pools["mocky"]["parameters"]
     card = client.get("/v1/models/smollm2").json()
     assert card["pools"][0]["engine"] == "llamacpp" and "logprobs" in card["pools"][0]["parameters"]

@@ -94,6 +94,38 @@ def test_load_overrides_affinity_when_the_warm_pool_is_saturated():
     assert place(slow_prefill, prompt=prompt(SYSTEM + "hi")).pool_id == "warm"
 
 
+def test_a_pool_at_capacity_loses_affinity_to_one_that_can_start_at_once():
+    # Saves 2 ms x ~300 tokens = ~600 ms against a 1,000 ms wait (2,000 ms service over 2 slots):
+    # the question starts at once on the cold pool, and the warm pool's score is its bare wait.
+    warm = pool("warm", cached=(SYSTEM,), slots=2, active_slots=2, service_ms=2000.0, prefill_ms_per_token=2.0)
+    decision = place([warm, pool("cold", active_slots=3)], prompt=prompt(SYSTEM + "hi"))
+    assert decision.pool_id == "cold" and decision.reason == "least_loaded"
+    lost = {a.pool_id: a for a in decision.alternatives}["warm"]
+    assert lost.expected_wait_ms == 1000.0 and lost.score_ms == 1000.0
+    # With room, running sequences cost no wait: affinity holds however busy the warm pool is.
+    roomy = place([pool("warm", cached=(SYSTEM,), active_slots=3), pool("cold")], prompt=prompt(SYSTEM + "hi"))
+    assert roomy.pool_id == "warm" and roomy.reason == "prefix_overlap"
+    # When no pool can start at once, the saving still counts against the queue it joins.
+    full = [pool("warm", cached=(SYSTEM,), slots=2, active_slots=2, prefill_ms_per_token=5.0),
+            pool("cold", slots=2, active_slots=2)]
+    assert place(full, prompt=prompt(SYSTEM + "hi")).pool_id == "warm"
+
+
+def test_with_nothing_cached_busy_pools_keep_least_loadeds_order():
+    pools = [pool("a", slots=1, active_slots=1, queue_depth=1, service_ms=1000.0),
+             pool("b", slots=4, active_slots=4, queue_depth=2, service_ms=1000.0)]
+    assert place(pools, prompt=prompt(SYSTEM)).pool_id == place(pools, prompt=prompt(SYSTEM, policy="least_loaded"))\
+        .pool_id == "b"
+
+
+def test_prefill_speed_is_measured_only_from_mostly_uncached_prompts():
+    cache = PrefixCache(8)
+    cache.prefilled(300.0, 20)  # a cached system prompt plus a short question: the first decode step
+    assert cache.prefill_ms_per_token == 0.0
+    cache.prefilled(400.0, 400)
+    assert cache.prefill_ms_per_token == 1.0
+
+
 def test_decisions_are_deterministic_whatever_the_order_of_the_pools():
     pools = [pool(p, cached=(SYSTEM[:i * 200],), active_slots=i % 3) for i, p in enumerate("abcdef")]
     wanted = prompt(SYSTEM + "q")

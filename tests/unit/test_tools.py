@@ -359,3 +359,18 @@ def test_a_forced_call_and_a_response_format_do_not_mix():
     assert caught.value.param == "response_format"
     rendered, tools = render(req.model_copy(update={"response_format": None}), SMOLLM2_TEMPLATE, SMOLLM2_SPECIAL)
     assert tools.constrained and "You can call these functions" in rendered.prompt
+
+
+def test_capabilities_say_which_pools_take_tools_and_which_parse_auto():
+    from orch.api.pools import PoolView
+    from orch.core import engine_features
+    from orch.serve.routes.meta import pool_features
+
+    row = PoolView("p", "llamacpp", "m", ready=True, has_chat_template=True)
+    llamacpp = engine_features.supported("llamacpp")
+    assert {"tools", "tool_choice_auto"} <= set(pool_features(row, llamacpp, HERMES_TEMPLATE))
+    # A template that shows no tools: forced calls still work (constrained), auto does not.
+    plain = pool_features(row, llamacpp, "{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert "tools" in plain and "tool_choice_auto" not in plain
+    # No structured output on the engine: no tool calling at all.
+    assert "tools" not in pool_features(row, engine_features.supported("mock"), HERMES_TEMPLATE)

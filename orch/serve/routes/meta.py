@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,6 +14,7 @@ from orch.api.meta import API_VERSION, Capabilities, PoolCapabilities, VersionIn
 from orch.api.pools import PoolView
 from orch.config import project_root
 from orch.core import engine_features
+from orch.core.tools import template_family
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
 
@@ -23,11 +24,19 @@ OUTPUT_FEATURES = (("logprobs", "logprobs"), ("prompt_logprobs", "prompt_logprob
                    ("structured_output", "json_schema"), ("grammar", "grammar"))
 
 
-def pool_features(row: PoolView, parameters: frozenset[str]) -> list[str]:
+def pool_features(row: PoolView, parameters: frozenset[str], template: Optional[str] = None) -> list[str]:
+    """``template``: the pool's chat template when this ingress has fetched it. Forced tool
+    calls (``tool_choice`` required or a named function) are constrained by JSON schema, so
+    they work wherever structured output does; ``tool_choice: auto`` needs a template whose
+    call format is recognised (orch/core/tools.py)."""
     features = list(BASE_FEATURES)
     features += [name for name, needs in OUTPUT_FEATURES if needs in parameters]
     if row.has_chat_template:
         features.append("chat_template")
+    if "json_schema" in parameters and row.has_chat_template:
+        features.append("tools")
+        if template_family(template)[1] is not None:
+            features.append("tool_choice_auto")
     if "embedding" in row.workloads:
         features.append("embeddings")
     if row.slots == 1:
@@ -68,6 +77,7 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
         for pool in state.config.pools:
             row = rows[pool.id]  # every configured pool has a row (a made-up one while it is down)
             parameters = engine_features.supported(engine_features.variant(pool.engine.value, pool.engine_options))
+            detail = registry.model_detail(pool.id)
             pools.append(PoolCapabilities(
                 pool_id=pool.id,
                 ready=row.ready,
@@ -79,7 +89,7 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
                 max_tokens_out=pool.max_tokens_out or row.ctx_max,
                 slots=pool.slots,
                 workloads=list(row.workloads),
-                features=pool_features(row, parameters),
+                features=pool_features(row, parameters, detail.chat_template if detail is not None else None),
                 parameters=sorted(parameters),
             ))
         return JSONResponse(Capabilities(api_version=API_VERSION, pools=pools).model_dump())
