@@ -86,6 +86,10 @@ class PoolRegistry:
         await self.rows(fresh=False)
         return self._views
 
+    def age_s(self) -> float:
+        """Seconds since the views were taken."""
+        return time.monotonic() - self._taken_at
+
     def invalidate(self) -> None:
         """The views are wrong (a pool's actor was lost): the next read waits for new ones."""
         self._taken_at = -math.inf

@@ -97,7 +97,7 @@ class TaskService:
         if task.session_id and self.sessions is not None:
             turn = await self.sessions.before_admit(task.session_id, task)
         prompt = self._prompt(task)
-        decision = self._place(task, await self.registry.views(), turn.last_pool_id if turn else None, prompt)
+        decision = await self._placed(task, turn.last_pool_id if turn else None, prompt)
         self.counters.placed(decision)
         log.info("placed on %s", decision.pool_id, extra={
             "pool_id": decision.pool_id, "session_id": task.session_id,
@@ -132,10 +132,22 @@ class TaskService:
         chain = block_hashes(task.prompt, self._salt) if isinstance(task, TaskRequest) else ()
         return Prompt(chain, self.policy, next(self._turns))
 
+    async def _placed(self, task: AnyTask, session_pool_id: Optional[str], prompt: Prompt) -> PlacementDecision:
+        """Placement on the views as this replica last saw them (no wait while they are
+        young); a refusal from views older than the registry's ttl is checked once more
+        against views asked for now, so a pool that came back since is not refused."""
+        views = await self.registry.views()
+        try:
+            return self._place(task, views, session_pool_id, prompt, count_refusal=False)
+        except OrchError:
+            if self.registry.age_s() <= self.registry.ttl_s:
+                return self._place(task, views, session_pool_id, prompt)
+        return self._place(task, list((await self.registry.rows()).values()), session_pool_id, prompt)
+
     def _place(self, task: AnyTask, views: list[PoolView], session_pool_id: Optional[str],
-               prompt: Optional[Prompt] = None) -> PlacementDecision:
+               prompt: Optional[Prompt] = None, count_refusal: bool = True) -> PlacementDecision:
         """A Ready pool, or else one preparing the task's model (it queues the task and answers
-        with its preparation plan); refusals are counted."""
+        with its preparation plan); refusals are counted unless ``count_refusal`` is off."""
         wanted = dict(engine=task.engine.value if task.engine else None, model_ref=task.model_ref,
                       overrides=task.placement, workload=task.workload.value)
         try:
@@ -143,7 +155,9 @@ class TaskService:
         except OrchError as exc:
             waiting = preparing_pool(views, **wanted) if exc.code == ErrorCode.POOL_UNREADY else None
             if waiting is None:
-                self.counters.refused(exc.code.value, pinned=bool(task.placement and task.placement.pin_pool_id))
+                if count_refusal:
+                    self.counters.refused(exc.code.value,
+                                          pinned=bool(task.placement and task.placement.pin_pool_id))
                 raise
             return waiting
 

@@ -143,3 +143,28 @@ def test_pool_marks_ride_only_on_the_page_with_the_first_token():
     marks = first_token_marks(record, [(1, "metrics", {}), (2, "token", {"t": "a", "i": 0})])
     assert marks is not None and marks.first_token_at == record.first_token_at
     assert first_token_marks(record, [(3, "token", {"t": "b", "i": 1})]) is None
+
+
+def test_a_pool_that_came_back_since_the_cached_views_is_not_refused():
+    """Placement reads views without waiting while they are young; a refusal from views older
+    than the ttl (a pool shown down that is Ready again) is checked against fresh views."""
+    import time
+    from dataclasses import replace
+
+    async def scenario():
+        app, state, manager = await _ingress(tokens_per_s=200)
+        registry = state.registry
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+                await registry.rows()  # taken now: the pool is Ready
+                registry._rows = {"m": replace(registry._rows["m"], ready=False)}  # as seen before it came back
+                registry._views = list(registry._rows.values())
+                registry._taken_at = time.monotonic() - registry.ttl_s - 0.05
+                answer = await c.post("/v2/tasks", json={"prompt": "hi", "max_tokens": 1, "seed": 1,
+                                                         "placement": {"pin_pool_id": "m"}})
+            return answer
+        finally:
+            await manager.stop()
+
+    answer = asyncio.run(scenario())
+    assert answer.status_code == 202, answer.text
