@@ -53,15 +53,19 @@ def granted_cpus() -> Optional[float]:
     return float(cpus) if cpus else None
 
 
-def llamacpp_threads(config: PoolConfig) -> int:
-    """llama.cpp's thread count: the config's ``threads``, else the CPUs Ray granted the pool
-    actor (rounded, at least 1). llama.cpp's threads wait for each other at every step, so
-    one more thread than the cores the pool may use stalls all of them whenever the serving
-    processes take a core."""
+def pool_threads(config: PoolConfig, granted: Optional[float] = None) -> int:
+    """An engine's CPU threads: the config's ``threads``, else the CPUs granted (``granted``,
+    when known, else the pool's ``num_cpus``), rounded, at least 1."""
     if config.threads:
         return config.threads
-    cpus = granted_cpus()
-    return max(1, round(cpus if cpus is not None else config.num_cpus))
+    return max(1, round(granted if granted is not None else config.num_cpus))
+
+
+def llamacpp_threads(config: PoolConfig) -> int:
+    """llama.cpp's thread count inside the pool actor, from the CPUs Ray granted it. llama.cpp's
+    threads wait for each other at every step, so one more thread than the cores the pool may
+    use stalls all of them whenever the serving processes take a core."""
+    return pool_threads(config, granted_cpus())
 
 
 def build_engine(config: PoolConfig, binding: Optional[CatalogBinding] = None) -> Engine:

@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from orch.catalog.binding import runtime_env_key
 from orch.config import OrchConfig, PoolConfig, to_wire
+from orch.engines import pool_threads
 from orch.engines.vllm_engine import placement_bundles
 from orch.pools.actor import MAX_CONCURRENCY, PoolActor, actor_name
 
@@ -61,7 +62,7 @@ def engine_threads_env(pool: PoolConfig) -> dict[str, str]:
     at 8 concurrent streams. The pool's ``threads`` (else its CPUs) sets it instead."""
     if pool.engine.value not in ("llamacpp", "vllm"):
         return {}
-    return {"OMP_NUM_THREADS": str(pool.threads or max(1, round(pool.num_cpus)))}
+    return {"OMP_NUM_THREADS": str(pool_threads(pool))}
 
 
 def gpu_bundles(pool: PoolConfig) -> Optional[list[dict[str, float]]]:

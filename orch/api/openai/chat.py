@@ -175,16 +175,20 @@ class AssistantMessage(BaseModel):
         return body
 
 
-class FunctionCallDelta(BaseModel):
-    name: Optional[str] = None
-    arguments: Optional[str] = None
+class _GivenOnly(BaseModel):
+    """A streamed delta: fields left unset (None) are left out of the chunk, as OpenAI's are."""
 
     @model_serializer(mode="wrap")
     def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class ToolCallDelta(BaseModel):
+class FunctionCallDelta(_GivenOnly):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(_GivenOnly):
     """A call's first chunk has ``id``, ``type`` and ``function.name`` (arguments ""); later
     chunks of the same ``index`` add ``function.arguments`` text."""
 
@@ -192,10 +196,6 @@ class ToolCallDelta(BaseModel):
     id: Optional[str] = None
     type: Optional[Literal["function"]] = None
     function: FunctionCallDelta
-
-    @model_serializer(mode="wrap")
-    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChoice(BaseModel):
@@ -217,17 +217,13 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_GivenOnly):
     """What a chunk adds to the message: the role once, then content or tool calls; the
     last chunk's delta is empty."""
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
     tool_calls: Optional[list[ToolCallDelta]] = None
-
-    @model_serializer(mode="wrap")
-    def _given_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatChunkChoice(BaseModel):
