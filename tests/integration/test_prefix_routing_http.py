@@ -24,7 +24,10 @@ def client(deploy) -> httpx.Client:
     second = copy.deepcopy(config["pools"][0])
     second["id"] = "second"
     config["pools"].append(second)
-    return deploy(config, name="orch-prefix-it", route_prefix="/pfx")
+    client = deploy(config, name="orch-prefix-it", route_prefix="/pfx")
+    # /readyz turns 200 with one ready pool; both must be candidates before placement is compared.
+    wait_for(lambda: [p["ready"] for p in client.get("/readyz").json()["pools"].values()] == [True, True], timeout_s=60)
+    return client
 
 
 def run(client: httpx.Client, prompt: str, **fields) -> dict[str, dict]:
