@@ -48,9 +48,10 @@ def two_pools(deploy):
 def test_unready_pool_reports_cause_and_pin_never_falls_back(two_pools):
     client, _ = two_pools
     # The broken pool's cause appears once its actor has tried to load (asynchronously, and
-    # each ingress replica sees it at its next snapshot refresh).
-    ready = wait_for(lambda: (r := client.get("/readyz").json())["pools"]["broken"]["last_error"] and r, 30, 0.2)
-    assert ready["pools"]["default"]["ready"] is True
+    # each ingress replica sees it at its next snapshot refresh). With two replicas, the one
+    # answering may not have seen the default pool turn ready yet: wait for a view with both.
+    ready = wait_for(lambda: (r := client.get("/readyz").json())["pools"]["broken"]["last_error"]
+                     and r["pools"]["default"]["ready"] and r, 30, 0.2)
     assert ready["pools"]["broken"]["ready"] is False
     assert "no file at /nonexistent/model.gguf" in ready["pools"]["broken"]["last_error"]
 
