@@ -20,6 +20,8 @@ SCRIPTS = [
     ("scale.py", 120, "Memory per queued task"),
     ("placement_quality.py", 120, "Placement quality"),
     ("prefix_routing.py", 240, "Prefix-aware placement"),
+    ("fair_queueing.py", 240, "Fair queueing between tenants"),
+    ("cold_start.py", 180, "Cold start vs loaded"),
     ("serve_proxy.py", 240, "Serve proxy vs plain uvicorn"),
     ("admission.py", 240, "Admission rate"),
     ("relay.py", 240, "Relay ceiling"),

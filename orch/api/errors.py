@@ -27,6 +27,9 @@ class ErrorCode(str, Enum):
     NOT_FOUND = "NOT_FOUND"
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
+    RATE_LIMITED = "RATE_LIMITED"
+    MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    PRIORITY_NOT_ALLOWED = "PRIORITY_NOT_ALLOWED"
 
 
 #: HTTP status used for each code when it answers a request (SSE errors carry no status).
@@ -44,6 +47,9 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.MODEL_NOT_ALLOWED: 403,
+    ErrorCode.PRIORITY_NOT_ALLOWED: 403,
 }
 
 

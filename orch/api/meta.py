@@ -6,6 +6,8 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
+from orch.api.models import ModelStatus
+
 #: Version of the HTTP API; equals the OpenAPI document's ``info.version``.
 API_VERSION = "2.1.0"
 
@@ -31,6 +33,8 @@ class Capabilities(BaseModel):
 
     api_version: str
     pools: list[PoolCapabilities]
+    #: The configured model set (models on demand), loaded or not; empty without one.
+    models: list[ModelStatus] = Field(default_factory=list)
 
 
 class VersionInfo(BaseModel):

@@ -85,6 +85,8 @@ class PoolView:
     drained: bool = False
     waiting_for_model: bool = False
     model_retired: bool = False
+    #: A first load whose preparation plan queues tasks (a model loaded on demand).
+    queues_while_loading: bool = False
     model_id: Optional[str] = None
     model_digest: Optional[str] = None
     queue_capacity: int = 0
@@ -105,6 +107,9 @@ class PoolView:
     prefix_hashes: bytes = b""
     prefill_ms_per_token: float = 0.0
     bytes_per_token: float = 0.0
+    #: Where ``prefix_hashes`` comes from: ``engine`` (what its KV cache holds now),
+    #: ``estimate`` (the prompts it admitted last), or "" (nothing reported).
+    prefix_source: str = ""
 
     @property
     def held(self) -> bool:
@@ -194,6 +199,13 @@ class TaskContext:
     #: Budgets left to the session (None without budgets), and prices per 1k tokens.
     budgets: Optional[dict[str, Any]] = None
     prices: Optional[dict[str, float]] = None
+    #: Who the task is for and its share of the pool: the queue is fair between tenants by
+    #: weight inside each priority (orch/core/queue.py). "default" when keys are not in use.
+    tenant: str = "default"
+    weight: float = 1.0
+    #: The key whose limits hold a reservation for the task (None: not limited); the pool
+    #: settles it with the task's real usage when it ends.
+    key_id: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("ref", help="model ref: hf:org/repo/file.gguf, https://..., file:/path, pkg:...")
     pull.add_argument("--id", help="catalog id (default: from the ref's name)")
     pull.add_argument("--digest", help="expected sha256:<hex>; a mismatch fails the pull")
+    for action, text in (("load", "load a model of the model set now"), ("unload", "unload a model of the model set"),
+                         ("pin", "pin a model: never evicted"), ("unpin", "unpin a model")):
+        model_commands.add_parser(action, parents=[common], help=text).add_argument("model_id")
 
     provision = commands.add_parser("provision", parents=[common],
                                     help="plan or provision an engine (external, package, container, binary, source)")

@@ -175,10 +175,20 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
 def cmd_models(api: Api, args: argparse.Namespace) -> int:
     if args.models_command == "pull":
         return _pull_model(api, args)
+    if args.models_command in ("load", "unload", "pin", "unpin"):
+        model = api.request("POST", f"/v2/models/{args.model_id}/{args.models_command}", ok=(200, 202)).json()
+        print(f"{model['id']}: {model['state']}{', pinned' if model['pinned'] else ''}")
+        return 0
     capabilities = api.get_json("/v2/meta/capabilities")
     rows = [[p["pool_id"], p["model"], p["engine"], _yes(p["ready"]), p["ctx_max"], ", ".join(p["workloads"])]
             for p in capabilities.get("pools", [])]
     print(_table(["POOL", "MODEL", "ENGINE", "READY", "CTX", "WORKLOADS"], rows))
+    if capabilities.get("models"):
+        print("\nmodel set (loaded on demand):")
+        print(_table(["MODEL", "STATE", "PINNED", "NODE", "GPUS", "SIZE", "IDLE S"], [
+            [m["id"], m["state"], _yes(m["pinned"]), (m.get("node_id") or "")[:12], m.get("gpus") or "",
+             _size(m.get("size_bytes")), f"{time.time() - m['last_used']:.0f}" if m.get("last_used") else ""]
+            for m in capabilities["models"]]))
     names = _optional_json(api, "/v1/models")
     if names is not None:
         served = ", ".join(card["id"] for card in names.get("data", [])) or "(none: no pool is Ready)"

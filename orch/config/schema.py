@@ -24,6 +24,8 @@ from pydantic import (
 from orch.api.tasks import ID_PATTERN, Engine
 from orch.config.base import Strict, project_root
 from orch.config.catalog import CatalogConfig
+from orch.config.model_set import ModelSetConfig
+from orch.config.tenants import TenantsConfig
 from orch.core.queue import QueuePolicy
 
 #: Engines a pool can host today.
@@ -219,7 +221,10 @@ class OrchConfig(Strict):
     supervision: SupervisionConfig = SupervisionConfig()
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     sessions: SessionsConfig = SessionsConfig()
+    tenants: TenantsConfig = Field(default_factory=TenantsConfig)
     pools: list[PoolConfig] = Field(min_length=1)
+    #: Models loaded when a request names them (orch/config/model_set.py); none: pools only.
+    model_set: Optional[ModelSetConfig] = None
 
     @field_validator("version")
     @classmethod

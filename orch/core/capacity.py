@@ -87,8 +87,8 @@ def _free_vram() -> Optional[int]:
     return measured[1] if measured is not None else None
 
 
-def _vram() -> Optional[tuple[int, int]]:
-    """(total, free) VRAM summed over the visible GPUs (NVML), or None when unreadable."""
+def gpu_memory() -> Optional[list[tuple[int, int]]]:
+    """(total, free) bytes of each visible GPU (NVML), or None when it cannot be read."""
     try:
         import pynvml  # type: ignore[import-not-found]
     except ImportError:
@@ -98,9 +98,13 @@ def _vram() -> Optional[tuple[int, int]]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         indices = [int(i) for i in visible.split(",") if i.strip().isdigit()] if visible else \
             list(range(pynvml.nvmlDeviceGetCount()))
-        if not indices:
-            return None
         infos = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
-        return sum(info.total for info in infos), sum(info.free for info in infos)
+        return [(int(info.total), int(info.free)) for info in infos] or None
     except Exception:  # no driver, no device: unknown
         return None
+
+
+def _vram() -> Optional[tuple[int, int]]:
+    """(total, free) VRAM summed over the visible GPUs (NVML), or None when unreadable."""
+    found = gpu_memory()
+    return (sum(total for total, _ in found), sum(free for _, free in found)) if found else None

@@ -255,14 +255,16 @@ def preparing_pool(
     workload: str = "completion",
 ) -> Optional[PlacementDecision]:
     """The pool to wait for when ``place`` found none Ready: one that holds for the asked
-    model (waiting for it, or retired) and that the request's constraints allow; such a
-    pool answers with its preparation plan and queues the task while its model is fetched.
+    model (waiting for it, or retired), or loads it with a plan that queues tasks (a model
+    loaded on demand), and that the request's constraints allow; such a pool answers with
+    its preparation plan and queues the task while its model is fetched or loaded.
     Among several, the shortest queue, then the id. None when there is no such pool."""
     overrides = overrides or PlacementOverrides()
     pin = overrides.pin_pool_id if overrides.mode == PlacementMode.pin else None
     found = [
         p for p in pools
-        if p.held and not p.draining and p.serves(engine, model_ref, workload) and _within(p, overrides)
+        if (p.held or p.queues_while_loading) and not p.draining and p.serves(engine, model_ref, workload)
+        and _within(p, overrides)
         and (pin is None or p.named([pin]))
         and (not overrides.prefer_pools or overrides.allow_fallback or p.named(overrides.prefer_pools))
     ]

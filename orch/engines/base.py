@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
 from orch.api.events import FinishReason
+from orch.core.prefix import Resident
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,17 @@ class Engine(ABC):
 
     def memory_needed(self) -> int:
         """Bytes the loaded model will hold (weights and KV cache); 0 when unknown."""
+        return 0
+
+    def cache_report(self) -> Optional[Resident]:
+        """What the KV cache holds now, as text per cache entry (orch/core/prefix.py), for
+        prefix-aware placement; None when the engine cannot tell (the pool then estimates).
+        Called on the pool's loop several times a second: cheap, and safe beside generation."""
+        return None
+
+    @property
+    def cache_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds in all (0: unknown); bounds the pool's estimate."""
         return 0
 
     def close(self) -> None:  # pragma: no cover - engines without resources

@@ -12,17 +12,23 @@ only the rest, as llama.cpp's own server does. A request that asks for ``kv_hint
 from a clean context instead, so the same prompt, parameters and seed give byte-identical
 text whatever ran before. (On the CPU the two give the same text in practice; GPU kernels
 may round differently when the prompt is split, hence the strict mode.)
+
+Cache report: when a generation ends, its slot's cached tokens are mapped back to text (the
+prompt, then the output fed back) for the pool's prefix report; while a slot generates, or
+after it was reset, it reports nothing (its old tokens are being overwritten).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from orch.api.events import FinishReason
+from orch.core.prefix import Resident, held_text
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
 from orch.engines.llamacpp_params import check_logit_bias, compile_grammar, grammar_of, invalid
 
@@ -69,6 +75,9 @@ class LlamaCppEngine(Engine):
         self._version = ""
         self._eog: Optional[tuple[int, ...]] = None
         self.metadata: dict[str, str] = {}
+        #: The text each slot's cache holds (slot -> (generation order, text)), and its version.
+        self._held: dict[int, tuple[int, bytes]] = {}
+        self._held_version = 0
 
     @property
     def version(self) -> str:
@@ -120,6 +129,7 @@ class LlamaCppEngine(Engine):
 
     def _embed(self, slot: int, inputs: Sequence[str]) -> tuple[list[list[float]], int]:
         llm = self._contexts[slot]
+        self._hold(slot, None)
         llm.reset()
         try:
             vectors, tokens = llm.embed(list(inputs), normalize=True, truncate=False, return_count=True)
@@ -200,6 +210,7 @@ class LlamaCppEngine(Engine):
         extra = self._sampling(llm, params)
         if params.max_tokens <= 0:  # llama-cpp-python reads 0 as "up to the context's end"
             return FinishReason.length
+        self._hold(slot, None)
         if not (self.prefix_cache and params.reuse_prefix):
             llm.reset()  # otherwise llama-cpp-python evaluates only what follows the cached prefix
         finish = FinishReason.length
@@ -230,7 +241,24 @@ class LlamaCppEngine(Engine):
             raise
         finally:
             stream.close()
+            if self.prefix_cache and llm.n_tokens:  # a reset above left nothing to report
+                held = held_text(prompt.encode("utf-8", "surrogatepass"), _pieces(llm, llm._input_ids.tolist()))
+                self._hold(slot, held)
         return finish
+
+    def _hold(self, slot: int, text: Optional[bytes]) -> None:
+        with self._idle:
+            if text:
+                self._held[slot] = (self._held_version, text)
+            else:
+                self._held.pop(slot, None)
+            self._held_version += 1
+
+    def cache_report(self) -> Optional[Resident]:
+        """The text each idle slot's cache holds, most recently used first."""
+        with self._idle:
+            held = sorted(self._held.items(), key=lambda item: item[1][0], reverse=True)
+            return Resident(self._held_version, tuple((slot, text) for slot, (_, text) in held))
 
     def _sampling(self, llm: Any, params: GenerationParams) -> dict[str, Any]:
         """llama-cpp-python's completion arguments for what the request asks beyond the basics;
@@ -289,3 +317,19 @@ class LlamaCppEngine(Engine):
             except Exception:  # pragma: no cover - best effort on shutdown
                 pass
         self._contexts = []
+        for slot in list(self._held):
+            self._hold(slot, None)
+
+
+def _pieces(llm: Any, tokens: list[int]) -> list[bytes]:
+    """Each token's text (special tokens rendered), as llama.cpp spells it."""
+    import llama_cpp
+
+    vocab, buffer, out = llm._model.vocab, ctypes.create_string_buffer(64), []
+    for token in tokens:
+        size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+        if size < 0:
+            buffer = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+        out.append(buffer.raw[:size])
+    return out

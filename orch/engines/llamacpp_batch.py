@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from orch.api.events import FinishReason
+from orch.core.prefix import Resident
 from orch.engines.base import Emit, EngineError, GenerationParams
 from orch.engines.llamacpp import BATCHING_DEFAULT, CLOSE_WAIT_S, DEFAULT_CTX_CAP, LlamaCppEngine, log
 from orch.engines.llamacpp_params import check_logit_bias, grammar_of
@@ -74,6 +75,7 @@ class BatchedLlamaCppEngine(LlamaCppEngine):
         self._context: Any = None
         self._scheduler: Optional[Scheduler] = None
         self._ctx_tokens = 0
+        self._report: Optional[Resident] = None
 
     # -- properties --------------------------------------------------------------------------
     @property
@@ -91,6 +93,22 @@ class BatchedLlamaCppEngine(LlamaCppEngine):
             if token_id is not None and token_id >= 0:
                 tokens[name] = self._model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
         return tokens
+
+    def cache_report(self) -> Optional[Resident]:
+        """The text each sequence id's cells hold, most recently started first (see
+        llamacpp_sched.py); nothing without a prefix cache, or once closed."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            return Resident(-1)
+        version, held = scheduler.resident
+        report = self._report
+        if report is not None and report.version == version:
+            return report
+        entries = sorted(((order, seq_id, owner, cells) for seq_id, (owner, cells, order) in enumerate(held)
+                          if owner is not None), key=lambda entry: entry[:2], reverse=True)
+        self._report = report = Resident(version, tuple((seq_id, owner.held_text(cells))
+                                                        for _, seq_id, owner, cells in entries))
+        return report
 
     @property
     def stats(self) -> dict[str, int]:
@@ -118,6 +136,7 @@ class BatchedLlamaCppEngine(LlamaCppEngine):
             self._free()
             raise EngineError(f"llama.cpp could not load {self.model_path.name}: {exc}") from exc
         self.metadata = self._model.metadata()
+        self._report = None
         self._scheduler = Scheduler(
             llama_cpp, self._context.ctx, self._model.vocab, self._tokens, slots=self.slots,
             ctx_tokens=self._ctx_tokens, chunk=self.prefill_chunk, unified=self.kv_unified,

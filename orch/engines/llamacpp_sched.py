@@ -15,6 +15,12 @@ prefix cache: the next sequence takes the free id whose cached tokens match its 
 longest and removes only the rest (``llama_memory_seq_rm``). With ``kv_unified: true`` all
 ids share one pool of cells, and a prompt that matches a running sequence's cells longer
 shares them (``llama_memory_seq_cp``, no copy); numerics then depend on the neighbours.
+
+Cache report: each id's cells stand for the first tokens of one sequence (its ``owner``: the
+prompt as far as it was read, then the output fed back). After each turn of the loop the
+scheduler publishes (owner, cells held, owner's start) per id in ``resident``, which another
+thread reads without a lock; an id whose cells are dropped or taken by another prompt
+changes owner there, so the pool's report (orch/core/prefix.py) loses that prompt with them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any, Callable, Optional
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
+from orch.core.prefix import token_ends
 from orch.engines.base import EngineError, TokenLogprob
 from orch.engines.llamacpp_logits import Logits, log_softmax
 from orch.engines.llamacpp_params import compile_grammar
@@ -50,8 +57,13 @@ class Scheduler:
         self._batch = llama_cpp.llama_batch_init(self.chunk, 0, 1)
         self._logits = Logits(llama_cpp, ctx, vocab, self._n_vocab)
         self._eog: Optional[tuple[int, ...]] = None
-        #: Tokens whose cells each sequence id holds, positions 0..len-1.
+        #: Tokens whose cells each sequence id holds, positions 0..len-1, and the sequence
+        #: they came from (None: no cells).
         self._cached: list[list[int]] = [[] for _ in range(slots)]
+        self._owner: list[Optional[Sequence]] = [None] * slots
+        self._started = 0
+        #: (version, ((owner, cells, start order) per id)), replaced whole after each turn.
+        self.resident: tuple[int, tuple[tuple[Optional[Sequence], int, int], ...]] = (0, ())
         self._free: list[int] = list(range(slots))
         self._active: list[Sequence] = []
         self._pending: deque[Sequence] = deque()
@@ -126,6 +138,7 @@ class Scheduler:
                     self._finish(seq, FinishReason.cancelled)
                 if self._active:
                     self._step()
+                self._publish()
         except Exception as exc:  # a bug or a broken context: fail what runs, refuse the rest
             log.exception("llama.cpp batch loop failed")
             with self._cond:
@@ -140,6 +153,16 @@ class Scheduler:
                 self._finish(seq, FinishReason.cancelled)
             for seq in waiting:
                 seq.deliver(End(FinishReason.cancelled, self._failure))
+            self._owner = [None] * self.slots
+            self._publish()
+
+    def _publish(self) -> None:
+        """What each id's cells hold, for ``resident`` (a new version only when it changed)."""
+        held = tuple((owner, len(cells), owner.start_order) if owner is not None and cells else (None, 0, 0)
+                     for owner, cells in zip(self._owner, self._cached))
+        version, before = self.resident
+        if held != before:
+            self.resident = (version + 1, held)
 
     def _admissible(self) -> list[Sequence]:
         """Waiting sequences that may start now, in arrival order (called under the lock). A
@@ -181,11 +204,12 @@ class Scheduler:
         seq.sampler = sampler_chain(self._ll, seq.params, self._n_vocab, banned)
         seq.tokens = tokens
         if seq.alone and self.unified:  # the same cells, chunks and neighbours (none) every time
-            self._ll.llama_memory_clear(self._mem, True)
-            self._cached = [[] for _ in range(self.slots)]
+            self._clear()
         # Prompt logprobs need every prompt position's logits, so such a prompt is read whole.
         reuse = self.prefix_cache and seq.params.reuse_prefix and not seq.alone and not seq.wants_prompt_logprobs
         seq.seq_id, seq.n_past = self._place(tokens, reuse)
+        if self.prefix_cache:
+            self._own(seq)
         self.stats["prompt_reused"] += seq.n_past
         self.stats["prompt_evaluated"] += len(tokens) - seq.n_past
         if seq.wants_prompt_logprobs:
@@ -232,6 +256,21 @@ class Scheduler:
     def _forget(self, seq_id: int) -> None:
         self._ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self._cached[seq_id] = []
+        self._owner[seq_id] = None
+
+    def _clear(self) -> None:
+        self._ll.llama_memory_clear(self._mem, True)
+        self._cached = [[] for _ in range(self.slots)]
+        self._owner = [None] * self.slots
+
+    def _own(self, seq: Sequence) -> None:
+        """``seq``'s id now holds its prompt's first ``n_past`` tokens: it owns the cells, and
+        its prompt's text is mapped to its tokens for the cache report."""
+        self._started += 1
+        seq.start_order = self._started
+        seq.prompt_bytes = seq.prompt.encode("utf-8", "surrogatepass")
+        seq.token_ends = token_ends(seq.prompt_bytes, (self._logits.piece(t, special=True) for t in seq.tokens))
+        self._owner[seq.seq_id] = seq
 
     def _eog_tokens(self) -> tuple[int, ...]:
         if self._eog is None:
@@ -327,7 +366,8 @@ class Scheduler:
         if logprob is not None:
             seq.unsent_logprobs.append(logprob)
         stops = seq.generated >= (seq.params.min_tokens or 0)
-        text, stopped = seq.stream.push(self._logits.piece(token), stops)
+        piece = self._logits.piece(token)
+        text, stopped = seq.stream.push(piece, stops)
         if stopped:
             self._finish(seq, FinishReason.stop, text)
         elif seq.generated >= seq.params.max_tokens or seq.n_past >= self.ctx_tokens:
@@ -336,6 +376,8 @@ class Scheduler:
             if text:
                 seq.deliver(seq.take(text))
             seq.next_token = token
+            seq.output += piece
+            seq.output_ends.append(len(seq.output))
 
     def _finish(self, seq: Sequence, finish: FinishReason, text: str = "",
                 error: Optional[EngineError] = None) -> None:
@@ -376,5 +418,4 @@ class Scheduler:
         failure = EngineError(f"llama_decode failed with code {code}", fatal=code < 0)
         for seq in list(self._active):
             self._finish(seq, FinishReason.stop, error=failure)
-        self._ll.llama_memory_clear(self._mem, True)
-        self._cached = [[] for _ in range(self.slots)]
+        self._clear()

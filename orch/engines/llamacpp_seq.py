@@ -134,6 +134,25 @@ class Sequence:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     #: The prompt's tokens with their logprobs (``prompt_logprobs``), filled as the prompt is read.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: What the cache's cells of this sequence stand for, as text (the engine's cache report):
+    #: where each prompt token ends in the prompt's UTF-8 bytes, then the bytes of the output
+    #: tokens fed back and where each ends.
+    prompt_bytes: bytes = b""
+    #: When the sequence took its id (later ones report first).
+    start_order: int = 0
+    token_ends: list[int] = field(default_factory=list)
+    output: bytearray = field(default_factory=bytearray)
+    output_ends: list[int] = field(default_factory=list)
+
+    def held_text(self, cells: int) -> bytes:
+        """The text of this sequence's first ``cells`` tokens: the prompt as far as they spell
+        it, then, once it is whole, the output fed back (any thread: only ever appended to)."""
+        prompt_cells = min(cells, len(self.token_ends))
+        end = self.token_ends[prompt_cells - 1] if prompt_cells else 0
+        if cells <= len(self.tokens) or end < len(self.prompt_bytes) or len(self.token_ends) < len(self.tokens):
+            return self.prompt_bytes[:end]
+        fed = min(cells - len(self.tokens), len(self.output_ends))
+        return self.prompt_bytes + bytes(self.output[:self.output_ends[fed - 1] if fed else 0])
 
     @property
     def prefilling(self) -> bool:

@@ -11,7 +11,8 @@ the prompt, so a test decides exactly which task fails and when:
   the whole pool down for a restart.
 
 ``fail_load: "<message>"`` makes every load fail, as a broken driver would;
-``crash_on_load: true`` kills the hosting process during every load;
+``crash_on_load: true`` kills the hosting process during every load; ``load_ms`` makes
+every load take that long (a large model's load, for on-demand loading);
 ``model_bytes`` is the memory the model claims, checked against the host before loading.
 
 Prefill (for prefix-routing benchmarks): ``prefill_ms_per_token`` delays the first token by
@@ -58,7 +59,9 @@ class MockEngine(Engine):
         model_bytes: int = 0,
         prefill_ms_per_token: float = 0.0,
         prefix_cache: bool = True,
+        load_ms: float = 0.0,
     ) -> None:
+        self.load_ms = load_ms
         self.prefill_ms_per_token = prefill_ms_per_token
         self.prefix_cache = prefix_cache
         #: Words each cache entry holds, entries in use, and prompt tokens read / reused.
@@ -81,7 +84,7 @@ class MockEngine(Engine):
     @classmethod
     def from_options(cls, options: dict[str, Any], slots: int, ctx: Optional[int]) -> "MockEngine":
         known = {"tokens_per_s", "first_token_ms", "fail_load", "version", "embedding_dim", "crash_on_load",
-                 "model_bytes", "prefill_ms_per_token", "prefix_cache"}
+                 "model_bytes", "prefill_ms_per_token", "prefix_cache", "load_ms"}
         unknown = set(options) - known
         if unknown:
             raise EngineError(f"unknown mock engine options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -96,6 +99,8 @@ class MockEngine(Engine):
         return self._ctx
 
     def load(self) -> None:
+        if self.load_ms:
+            self._closed.wait(self.load_ms / 1000)
         if self.crash_on_load:
             os._exit(18)
         if self.fail_load:

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
+from orch.engines import vllm_cache
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
 from orch.engines.vllm_params import SEED_MODULUS, output_pieces, sampling_params
 
@@ -80,6 +81,9 @@ class VllmEngine(Engine):
         self._render_lock = threading.Lock()
         self._supported_tasks: tuple[str, ...] = ()
         self._version = ""
+        #: Where the engine core publishes its KV cache events, and their listener (vllm_cache.py).
+        self._events_endpoint: Optional[str] = None
+        self._cache_events: Optional[vllm_cache.CacheEvents] = None
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -117,6 +121,13 @@ class VllmEngine(Engine):
     def serves_completions(self) -> bool:
         return "generate" in self._supported_tasks
 
+    @property
+    def cache_capacity_tokens(self) -> int:
+        return vllm_cache.capacity_tokens(self._llm)
+
+    def cache_report(self):  # from vLLM's KV events; None (the pool estimates) when not read
+        return self._cache_events.report() if self._cache_events is not None else None
+
     # -- lifecycle -----------------------------------------------------------------------
     def engine_args(self):
         """vLLM's ``AsyncEngineArgs`` for this pool; raises EngineError on a bad option."""
@@ -146,6 +157,7 @@ class VllmEngine(Engine):
         if int(options.get("tensor_parallel_size", 1)) > 1:
             options.setdefault("distributed_executor_backend", "ray")
         options.setdefault("disable_log_stats", True)
+        self._events_endpoint = vllm_cache.configure(options)
         try:
             return AsyncEngineArgs(model=str(self.model_dir), max_num_seqs=self.slots, **options)
         except (TypeError, ValueError) as exc:
@@ -176,8 +188,13 @@ class VllmEngine(Engine):
             self.close()
             raise EngineError(f"vLLM could not load {self.model_dir.name}: {_cause(exc)}") from exc
         self._tokenizer = self._llm.get_tokenizer()
+        if self._events_endpoint is not None:
+            self._cache_events = vllm_cache.listen(self._events_endpoint, self._tokenizer, self._render_lock)
 
     def close(self) -> None:
+        events, self._cache_events = self._cache_events, None
+        if events is not None:
+            events.close()
         llm, self._llm = self._llm, None
         if llm is not None:
             try:

@@ -39,6 +39,17 @@ HELP = {
     "prefix_miss_tokens_total": "Prompt tokens admitted that the pool's engine had to read (not cached).",
     "placement_candidates_considered": "Pools a placement decision considered.",
     "catalog_verifications_total": "Catalog digest verifications by result.",
+    "models_loaded": "Models of the model set loaded now.",
+    "model_loads_total": "Loads of models of the model set, by outcome (loaded, failed, refused, cancelled).",
+    "model_evictions_total": "Models of the model set unloaded, by reason (lru, idle, operator, lost, removed).",
+    "model_load_seconds": "Time from a model's load request to its pool being Ready, seconds.",
+    "model_budget_bytes": "Memory a budget of the model set holds for its models.",
+    "model_budget_used_bytes": "Memory of a budget the loaded (and loading) models take, as estimated.",
+    "tenant_requests_total": "Tasks admitted for requests with an API key, by tenant (undeclared tenants: other).",
+    "tenant_rejections_total": "Requests with an API key refused, by tenant and reason (the limit that refused: "
+                               "rpm, tpm, concurrency, budget_day, budget_month; else the error code).",
+    "tenant_tokens_in_total": "Prompt tokens of ended tasks with an API key, by tenant.",
+    "tenant_tokens_out_total": "Completion tokens of ended tasks with an API key, by tenant.",
 }
 
 
@@ -86,7 +97,35 @@ def families(views: dict[str, PoolView], details: dict[str, PoolDetail], ingress
         _histogram(out["latency_first_token_split_ms"], [part], data)
     for result, value in sorted(catalog.items()):
         out["catalog_verifications_total"].add_metric([result], value)
+    if ingress.get("models"):
+        _models(out, ingress["models"])
+    _tenants(out, ingress.get("tenants", {}))
     return list(out.values())
+
+
+def _tenants(out: dict[str, Metric], tenants: dict[str, dict[str, Any]]) -> None:
+    for tenant, usage in sorted(tenants.items()):
+        out["tenant_requests_total"].add_metric([tenant], usage.get("requests", 0))
+        out["tenant_tokens_in_total"].add_metric([tenant], usage.get("tokens_in", 0))
+        out["tenant_tokens_out_total"].add_metric([tenant], usage.get("tokens_out", 0))
+        for reason, count in sorted(usage.get("rejections_by_limit", {}).items()):
+            out["tenant_rejections_total"].add_metric([tenant, reason], count)
+
+
+def _models(out: dict[str, Metric], state: dict[str, Any]) -> None:
+    """The model set's series, from its manager's state (orch/pools/demand.py)."""
+    out["models_loaded"].add_metric([], sum(1 for m in state.get("models", []) if m.get("loaded")))
+    metrics = state.get("metrics", {})
+    for outcome, value in sorted(metrics.get("loads", {}).items()):
+        out["model_loads_total"].add_metric([outcome], value)
+    for reason, value in sorted(metrics.get("evictions", {}).items()):
+        out["model_evictions_total"].add_metric([reason], value)
+    if metrics.get("load_s"):
+        _histogram(out["model_load_seconds"], [], metrics["load_s"])
+    for budget in state.get("budgets", []):
+        if budget.get("budget_bytes") is not None:
+            out["model_budget_bytes"].add_metric([budget["id"]], budget["budget_bytes"])
+        out["model_budget_used_bytes"].add_metric([budget["id"]], budget.get("used_bytes", 0))
 
 
 def _pool_counters(out: dict[str, Metric], base: list[str], detail: PoolDetail) -> None:

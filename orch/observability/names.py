@@ -42,6 +42,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "prefix_miss_tokens_total": ("counter", POOL),
     "placement_candidates_considered": ("histogram", ()),
     "catalog_verifications_total": ("counter", ("result",)),
+    # Models on demand (model_set): per budget, bounded by the config.
+    "models_loaded": ("gauge", ()),
+    "model_loads_total": ("counter", ("outcome",)),
+    "model_evictions_total": ("counter", ("reason",)),
+    "model_load_seconds": ("histogram", ()),
+    "model_budget_bytes": ("gauge", ("budget",)),
+    "model_budget_used_bytes": ("gauge", ("budget",)),
+    # Per tenant: declared tenants by name, every other one as "other" (bounded by the config).
+    "tenant_requests_total": ("counter", ("tenant",)),
+    "tenant_rejections_total": ("counter", ("tenant", "reason")),
+    "tenant_tokens_in_total": ("counter", ("tenant",)),
+    "tenant_tokens_out_total": ("counter", ("tenant",)),
 }
 
 #: Buckets of the number of pools a placement decision considered.

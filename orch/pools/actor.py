@@ -29,10 +29,12 @@ from orch.api.pools import (
 from orch.api.tasks import TaskRequest
 from orch.artifacts.actor import artifact_actor
 from orch.config import OrchConfig, PoolConfig
+from orch.core.prefix import salt_for
 from orch.observability.logs import configure_logging
 from orch.observability.ray_metrics import RayMetricsExporter
 from orch.pools.manager import PoolManager
 from orch.sessions.actor import find_sessions_actor
+from orch.tenants.limiter import find_limiter
 
 log = logging.getLogger("orch.pool")
 
@@ -70,6 +72,7 @@ class PoolActor:
         self.runtime_env_key = runtime_env_key
         self.node_id = ray.get_runtime_context().get_node_id()
         self.manager = PoolManager(self.config)
+        self.manager.core.prefix.salt = salt_for(namespace)  # hashes its engine's cache as the ingress hashes prompts
         self.manager.node_id, self.manager.runtime_env_key = self.node_id, runtime_env_key
         granted = ray.get_gpu_ids()
         self.manager.device_mask = ",".join(str(gpu) for gpu in granted) if granted else None
@@ -78,7 +81,9 @@ class PoolActor:
         # Both are found by name; one that was restarted is found again once per call.
         self._artifacts = ActorClient(lambda: artifact_actor(artifacts_root, namespace))
         self._sessions = ActorClient(lambda: find_sessions_actor(namespace))
+        self._limiter = ActorClient(lambda: find_limiter(namespace))
         self.manager.finish_listeners.append(self._charge_session)
+        self.manager.finish_listeners.append(self._settle_limits)
         self.manager.finish_listeners.append(self._store_transcript)
 
     async def _store_transcript(self, summary: dict[str, Any]) -> None:
@@ -94,6 +99,12 @@ class PoolActor:
             return
         await self._sessions.call("record_usage", summary["session_id"], summary["tokens_in"],
                                   summary["tokens_out"], summary["decode_time_ms"])
+
+    async def _settle_limits(self, summary: dict[str, Any]) -> None:
+        """Settle a limited task's reservation with its real usage, however it ended."""
+        if not summary.get("key_id") or await self._limiter.get() is None:
+            return
+        await self._limiter.call("settle", summary["task_id"], summary["tokens_in"], summary["tokens_out"])
 
     def config_digest(self) -> str:
         return self.digest

@@ -81,7 +81,8 @@ class Admission:
             record.context = replace(context, kv_warmth=record.prefix_hit_tokens > 0)
         record.bind_loop(core.loop)
         try:
-            outcome = core.queue.enqueue(task_id, request.priority, record)
+            outcome = core.queue.enqueue(task_id, request.priority, record, tenant=context.tenant,
+                                         weight=context.weight)
         except QueueFullError as exc:
             raise self._backpressure(exc) from None
         record.queue_position = outcome.position

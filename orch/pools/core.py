@@ -92,8 +92,7 @@ class PoolCore:
         ``model_version`` when to fetch the chat template again."""
         if engine is not self._engine:
             self.model_version += 1
-            self.prefix.reset(entries_for(self.engine_name, self.config.slots, self.config.engine_options)
-                              if engine is not None else 0)
+            self.prefix.reset(*prefix_source(engine, self.engine_name, self.config))
         self._engine = engine
 
     @property
@@ -165,6 +164,15 @@ class PoolCore:
 
     def wake(self) -> None:
         self.work.set()
+
+
+def prefix_source(engine: Optional[Engine], name: str, config: PoolConfig) -> tuple[int, Any, int]:
+    """What the pool's prefix report reads for ``engine``: prompts its cache holds about, its
+    cache report (when it can tell), and the tokens its KV cache holds (0 unknown)."""
+    if engine is None:
+        return 0, None, 0
+    return (entries_for(name, config.slots, config.engine_options), getattr(engine, "cache_report", None),
+            int(getattr(engine, "cache_capacity_tokens", 0) or 0))
 
 
 def first_token_marks(record: TaskRecord, events: list[TaskEvent]) -> Optional[TaskMarks]:

@@ -72,6 +72,7 @@ class Finisher:
             core.metrics.decoded(record.priority, decode_ms)
         self._hand_over({
             "task_id": record.task_id, "pool_id": core.pool_id, "session_id": record.session_id,
+            "key_id": record.context.key_id,
             "outcome": kind, "error_code": data.get("code") if kind == "error" else None,
             "tokens_in": record.prompt_tokens, "tokens_out": record.tokens_out, "decode_time_ms": decode_ms,
             "transcript_id": transcript_id, "transcript": body,

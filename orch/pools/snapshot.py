@@ -9,6 +9,7 @@ from typing import Optional
 from orch.api.pool_state import PoolState
 from orch.api.pools import PoolDetail, PoolSnapshot, PoolView
 from orch.api.tasks import Priority
+from orch.catalog import binding as bindings
 from orch.engines.base import Engine
 from orch.pools.core import PoolCore
 
@@ -31,6 +32,7 @@ def view(core: PoolCore, node_id: Optional[str] = None, runtime_env_key: Optiona
         state=life.state,
         waiting_for_model=life.state is PoolState.waiting,
         model_retired=life.state is PoolState.retired,
+        queues_while_loading=engine is None and life.loading and bindings.accepts_tasks(core.preparation),
         draining=core.draining,
         drained=core.draining and len(core.queue) == 0 and core.active_slots == 0,
         workloads=workloads(engine),
@@ -53,6 +55,7 @@ def view(core: PoolCore, node_id: Optional[str] = None, runtime_env_key: Optiona
         model_version=core.model_version,
         has_chat_template=bool(engine is not None and engine.chat_template),
         prefix_hashes=core.prefix.report() if life.ready else b"",
+        prefix_source=core.prefix.source if life.ready else "",
         prefill_ms_per_token=round(core.prefix.prefill_ms_per_token, 4),
         bytes_per_token=round(core.prefix.bytes_per_token, 3),
     )

@@ -36,6 +36,7 @@ from orch.core.supervision import Action, PoolObservation, Reason, RestartPolicy
 from orch.observability.logs import configure_logging
 from orch.pools.actor import actor_name, config_digest, pool_handle
 from orch.pools.catalog_watcher import CatalogWatcher
+from orch.pools.demand import ensure_models, stop_models
 from orch.pools.spawn import create_pool_actor, remove_pool_actors
 
 log = logging.getLogger("orch.supervisor")
@@ -416,6 +417,7 @@ def ensure_pools(config: OrchConfig) -> dict[str, "ray.actor.ActorHandle"]:
     that exist already; the registry finds the others by name as they appear."""
     check_gpu_capacity(config, ray.cluster_resources().get("GPU", 0))
     ensure_supervisor(config)
+    ensure_models(config)
     handles = {}
     for pool in config.pools:
         try:
@@ -429,4 +431,5 @@ def shutdown_pools(config: OrchConfig) -> list[str]:
     """Stop the supervisor, then stop and remove every configured pool actor (they are
     detached, so deleting the Serve application alone leaves them holding their GPUs)."""
     stop_supervisor(config.namespace)
+    stop_models(config.namespace)
     return remove_pool_actors(config)

@@ -20,7 +20,9 @@ from orch.api.meta import API_VERSION
 from orch.core.errors import OrchError
 from orch.serve.auth import AuthMiddleware
 from orch.serve.http import CorrelationIdMiddleware, error_response
-from orch.serve.routes import artifacts, catalog, meta, openai, ops, pools, sessions, tasks, trace, ui
+from orch.serve.limits import RateLimitHeaders
+from orch.serve.routes import (artifacts, catalog, keys, meta, models, openai, ops, pools, sessions, tasks, trace, ui,
+                                usage)
 from orch.serve.routing import ApiRoute, openapi_document
 from orch.serve.state import IngressState
 
@@ -38,9 +40,12 @@ def api_routes(state: IngressState) -> list[ApiRoute]:
     found += trace.routes(state)
     found += sessions.routes(state)
     found += pools.routes(state)
+    found += models.routes(state)
     found += artifacts.routes(state)
     found += catalog.routes(state)
     found += ops.routes(state)
+    found += keys.routes(state)
+    found += usage.routes(state)
     found += ui.routes(state)
     found += openai.routes(state)
     found += meta.routes(state, lambda: document)
@@ -51,12 +56,13 @@ def api_routes(state: IngressState) -> list[ApiRoute]:
 def build_app(state: IngressState) -> Starlette:
     routes = api_routes(state)
     server = state.config.server
-    middleware = [Middleware(CorrelationIdMiddleware)]
+    middleware = [Middleware(CorrelationIdMiddleware), Middleware(RateLimitHeaders)]
     if server.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(server.cors_origins),
                                      allow_methods=["GET", "POST", "DELETE"],
                                      allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Correlation-Id"]))
-    middleware.append(Middleware(AuthMiddleware, token=server.token(), loopback_bypass=server.loopback_bypass))
+    middleware.append(Middleware(AuthMiddleware, token=server.token(), loopback_bypass=server.loopback_bypass,
+                                 keys=state.extras.get("keys")))
     app = Starlette(
         routes=[route.starlette() for route in routes],
         middleware=middleware,

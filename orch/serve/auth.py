@@ -1,8 +1,8 @@
-"""The auth seam: bearer tokens, the loopback bypass, and who made each request.
+"""The auth seam: API keys, the bootstrap token, the loopback bypass, and who made each request.
 
-Tokens are compared in constant time (``hmac.compare_digest`` over their sha256) and never
-logged: a request's identity is ``localhost`` or ``token:<first 6 hex of the token's
-sha256>``.
+Tokens are compared in constant time (``hmac.compare_digest`` over their sha256; keys over
+their salted sha256) and never logged: a request's identity is ``localhost``,
+``token:<first 6 hex of the token's sha256>`` or ``key:<key id>``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ import hashlib
 import hmac
 import json
 import logging
-from typing import Optional
+from typing import Any, Optional
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from orch.api.errors import ErrorCode
+from orch.api.keys import SCOPES, Principal
 from orch.core.net import is_loopback
 from orch.observability.logs import bind
+from orch.tenants.access import ADMIN_TENANT, PRINCIPAL
+from orch.tenants.keyhash import looks_like_key
 
 log = logging.getLogger("orch.access")
 
@@ -55,14 +58,32 @@ def _bearer(scope: Scope) -> Optional[str]:
     return None
 
 
-class AuthMiddleware:
-    """Pure ASGI: lets a request through with ``scope['state']['identity']`` set, or answers 401."""
+#: The server's configured token: an admin key of tenant ``admin``.
+BOOTSTRAP = Principal(key_id="bootstrap", tenant=ADMIN_TENANT, scopes=frozenset(SCOPES), bootstrap=True)
 
-    def __init__(self, app: ASGIApp, token: Optional[str], loopback_bypass: bool) -> None:
+
+def principal_of(request_or_scope: Any) -> Optional[Principal]:
+    """The request's principal (None: auth off or the loopback bypass; tenant ``default``)."""
+    scope = getattr(request_or_scope, "scope", request_or_scope)
+    return scope.get("state", {}).get("principal")
+
+
+class AuthMiddleware:
+    """Pure ASGI: lets a request through with ``scope['state']['identity']`` and
+    ``['principal']`` set, or answers 401.
+
+    A bearer shaped like an API key (``orch_...``) is always checked against the key cache,
+    even where the bootstrap token is not needed (auth off, the loopback bypass): a revoked
+    key never works. Any other bearer is the bootstrap token, checked as before.
+    """
+
+    def __init__(self, app: ASGIApp, token: Optional[str], loopback_bypass: bool, keys: Any = None) -> None:
         self.app = app
         self.loopback_bypass = loopback_bypass
         self._digest = hashlib.sha256(token.encode("utf-8")).digest() if token else None
         self._identity = token_identity(token) if token else None
+        #: The replica's key cache (orch/tenants/cache.py); None: no key store reachable.
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,21 +91,37 @@ class AuthMiddleware:
             return
         state = scope.setdefault("state", {})
         loopback = _client_is_loopback(scope)
-        state["identity"] = None
-        if self._digest is None or (self.loopback_bypass and loopback) or route_path(scope) in OPEN_PATHS:
+        state["identity"] = state["principal"] = None
+        PRINCIPAL.set(None)
+        given = _bearer(scope)
+        opened = route_path(scope) in OPEN_PATHS
+        if given and looks_like_key(given) and not opened:
+            principal = await self.keys.resolve_fresh(given) if self.keys is not None else None
+            if principal is None:
+                log.warning("refused %s %s: unknown, revoked or rotated API key identity=unauthenticated",
+                            scope.get("method"), scope.get("path"))
+                await _unauthorized(scope, send, "unknown, revoked or rotated API key; ask an admin for a valid key")
+                return
+            await self._admit(scope, receive, send, principal, f"key:{principal.key_id}")
+            return
+        if self._digest is None or (self.loopback_bypass and loopback) or opened:
             state["identity"] = "localhost" if loopback else "anonymous"
             await self.app(scope, receive, _logged(scope, send))
             return
-        given = _bearer(scope)
         if given:
             candidate = hashlib.sha256(given.encode("utf-8")).digest()
             if hmac.compare_digest(candidate, self._digest):
-                state["identity"] = self._identity
-                await self.app(scope, receive, _logged(scope, send))
+                await self._admit(scope, receive, send, BOOTSTRAP, self._identity)
                 return
         reason = "missing" if given is None else ("malformed" if given == "" else "wrong")
         log.warning("refused %s %s: %s bearer token identity=unauthenticated", scope.get("method"), scope.get("path"), reason)
-        await _unauthorized(scope, send, reason)
+        await _unauthorized(scope, send, f"{reason} bearer token; send 'Authorization: Bearer <token>' with the "
+                                         "token configured on the server or an API key")
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, principal: Principal, identity: str) -> None:
+        scope["state"].update(identity=identity, principal=principal)
+        PRINCIPAL.set(principal)
+        await self.app(scope, receive, _logged(scope, send))
 
 
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -113,11 +150,11 @@ def _logged(scope: Scope, send: Send) -> Send:
     return send_and_log
 
 
-async def _unauthorized(scope: Scope, send: Send, reason: str) -> None:
+async def _unauthorized(scope: Scope, send: Send, message: str) -> None:
     correlation = scope.get("state", {}).get("correlation_id")
     body = {
         "code": ErrorCode.UNAUTHORIZED.value,
-        "message": f"{reason} bearer token; send 'Authorization: Bearer <token>' with the token configured on the server",
+        "message": message,
         "retriable": False,
     }
     if correlation:

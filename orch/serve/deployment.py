@@ -27,6 +27,7 @@ from orch.serve.app import build_app
 from orch.serve.registry import PoolRegistry
 from orch.serve.state import IngressState
 from orch.serve.sessions_gate import SessionsGate
+from orch.tenants.actor import start_key_cache
 
 log = logging.getLogger("orch.ingress")
 
@@ -45,12 +46,13 @@ class OrchIngress:
         self.config = parse_config(config, "ingress config")
         _check_auth_seam(self.config)
         handles = await asyncio.to_thread(ensure_pools, self.config)
+        keys = await start_key_cache(self.config)
         self.state = IngressState(
             self.config,
             PoolRegistry(self.config, handles, self.config.server.snapshot_ttl_s),
             sessions=SessionsGate(self.config.namespace, self.config.sessions),
             artifacts=artifact_actor(self.config.artifacts.root, self.config.namespace),
-            extras={"catalog": catalog_actor(self.config.catalog.root, self.config.namespace)},
+            extras={"catalog": catalog_actor(self.config.catalog.root, self.config.namespace), "keys": keys},
             metrics=metrics_actor(self.config.namespace),
         )
         self._flusher = asyncio.get_running_loop().create_task(self._flush_counters())

@@ -28,6 +28,7 @@ from orch.api.pools import PoolDetail, PoolView
 from orch.config import OrchConfig
 from orch.core.prefix import merged
 from orch.pools.supervisor import ACTOR_NAME as SUPERVISOR_ACTOR
+from orch.serve.demand import DemandClient
 from orch.serve.pool_client import PoolClient, PoolLost, PoolNotRunning
 
 log = logging.getLogger("orch.ingress")
@@ -67,6 +68,8 @@ class PoolRegistry:
         self._sent: dict[str, list[tuple[float, bytes]]] = {}
         #: Tasks counted into a cached row by ``note_admitted``, not yet finished.
         self._counted: OrderedDict[str, None] = OrderedDict()
+        #: The model set's pools, which exist while their model is loaded (None: no model set).
+        self.demand = DemandClient(config) if config.model_set is not None and nudge_supervisor else None
 
     # -- snapshot ------------------------------------------------------------------------
     async def rows(self, fresh: bool = True) -> dict[str, PoolView]:
@@ -100,7 +103,7 @@ class PoolRegistry:
 
     async def details(self) -> dict[str, PoolDetail]:
         """Every reachable pool's detail, asked now (metrics, counters, binding)."""
-        pool_ids = [pool.id for pool in self.config.pools]
+        pool_ids = self.pool_ids()
         found = await asyncio.gather(*(self.pools.detail(pid) for pid in pool_ids), return_exceptions=True)
         return {pid: detail for pid, detail in zip(pool_ids, found) if isinstance(detail, PoolDetail)}
 
@@ -114,8 +117,11 @@ class PoolRegistry:
         await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:
-        pool_ids = [pool.id for pool in self.config.pools]
+        pool_ids = self.pool_ids()
         began = time.monotonic()
+        if self.demand is not None:
+            await self.demand.state()
+            pool_ids = self.pool_ids()
         results = await asyncio.gather(*(self.pools.view(pid) for pid in pool_ids), return_exceptions=True)
         rows: dict[str, PoolView] = {}
         for pool_id, result in zip(pool_ids, results):
@@ -174,8 +180,20 @@ class PoolRegistry:
 
         asyncio.get_running_loop().run_in_executor(None, nudge)
 
+    def pool_ids(self) -> list[str]:
+        """The configured pools, then the model set's pools that exist now."""
+        ids = [pool.id for pool in self.config.pools]
+        return ids + self.demand.pool_ids() if self.demand is not None else ids
+
+    async def ensure_model(self, name: Optional[str], wait: bool = False) -> None:
+        """A model of the set that no pool serves yet is loaded first (see orch/serve/demand.py);
+        anything else returns at once."""
+        if self.demand is not None and await self.demand.ensure(name, await self.views(), wait):
+            self.invalidate()
+
     def _unreachable_row(self, pool_id: str, exc: BaseException) -> PoolView:
-        pool = self.config.pool(pool_id)
+        pool = self.demand.pool_config(pool_id) if self.demand is not None and pool_id in self.demand.pool_ids() \
+            else self.config.pool(pool_id)
         return PoolView(
             pool_id=pool_id,
             replica_set=pool.replica_set or pool_id,
@@ -262,7 +280,7 @@ class PoolRegistry:
         pool_id = self._locations.get(task_id)
         if pool_id is not None:
             return pool_id
-        pool_ids = [pool.id for pool in self.config.pools]
+        pool_ids = self.pool_ids()
         answers = await asyncio.gather(*(self.pools.has_task(pid, task_id) for pid in pool_ids),
                                        return_exceptions=True)
         for pid, answer in zip(pool_ids, answers):

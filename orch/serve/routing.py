@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from orch.api.errors import ErrorEnvelope
+from orch.tenants.access import check_scope
 
 Handler = Callable[[Request], Awaitable[Response]]
 #: An answer: a pydantic model (JSON), or (media type, description) for streams and text.
@@ -36,9 +37,26 @@ class ApiRoute:
     error_model: type[BaseModel] = ErrorEnvelope
     errors: tuple[int, ...] = (400, 401, 404, 429, 503)
     include_in_schema: bool = True
+    #: The key scope a caller needs (``infer``, ``catalog``, ``admin``); None: any caller
+    #: the auth middleware let in. Admin unless the route says otherwise, so a route that
+    #: forgets to declare one is closed rather than open.
+    scope: Optional[str] = "admin"
 
     def starlette(self) -> Route:
-        return Route(self.path, self.handler, methods=[self.method])
+        return Route(self.path, _scoped(self.handler, self.scope), methods=[self.method])
+
+
+def _scoped(handler: Handler, scope: Optional[str]) -> Handler:
+    """The handler behind a check of the caller's scope (403 FORBIDDEN naming it)."""
+    if scope is None:
+        return handler
+
+    async def guarded(request: Request) -> Response:
+        check_scope(request.scope.get("state", {}).get("principal"), scope)
+        return await handler(request)
+
+    guarded.__name__ = getattr(handler, "__name__", "handler")
+    return guarded
 
 
 def openapi_document(routes: list[ApiRoute], *, title: str, version: str, description: str) -> dict[str, Any]:
@@ -76,7 +94,7 @@ def openapi_document(routes: list[ApiRoute], *, title: str, version: str, descri
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(route.body)}}}
         for status, answer in route.answers.items():
             operation["responses"][str(status)] = _answer(answer, ref)
-        for status in route.errors:
+        for status in route.errors + ((403,) if route.scope and route.errors else ()):
             operation["responses"].setdefault(
                 str(status), {"description": "error", "content": {"application/json": {"schema": ref(route.error_model)}}}
             )

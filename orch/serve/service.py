@@ -24,8 +24,10 @@ from orch.observability.ingress_metrics import IngressCounters
 from orch.observability.logs import bind
 from orch.observability.series import LiveSeries
 from orch.observability.trace import RequestTrace, Traces, received_at
+from orch.serve.limits import TenantLimits
 from orch.serve.pool_client import PoolClient, PoolLost, PoolNotRunning, raised
 from orch.serve.registry import PoolRegistry
+from orch.tenants.access import admit_as, current_principal, tenant_context
 
 log = logging.getLogger("orch.ingress")
 
@@ -87,12 +89,32 @@ class TaskService:
         self.policy = registry.config.server.placement
         self._salt = salt_for(registry.config.namespace)
         self._turns = itertools.count()
+        #: Per-key limits (orch/serve/limits.py): one limiter call per admission with a key.
+        self.limits = TenantLimits(registry.config, registry.pools)
 
     async def admit(self, task: AnyTask, correlation_id: Optional[str] = None) -> Admitted:
-        """Budgets, placement and the pool's admission, in that order; raises OrchError."""
+        """Access, the key's limits, budgets, placement and the pool's admission, in that
+        order; raises OrchError. What the limits reserved is given back when a later step
+        refuses the task (the pool settles it once admitted)."""
+        principal = current_principal()
+        task = admit_as(principal, task)
         task_id = task.task_id or uuid.uuid4().hex
         trace = RequestTrace(task_id, received_at(), parsed_at=time.monotonic())
         bind(task_id=task_id, session_id=task.session_id)
+        held_by = await self.limits.admit(principal, task, task_id)
+        try:
+            decision, admission = await self._enqueue(task, task_id, correlation_id, trace, held_by)
+        except BaseException as exc:
+            if held_by is not None:
+                self.limits.release(task_id, exc)
+            raise
+        if task.session_id and self.sessions is not None:
+            await self.sessions.after_admit(task.session_id, decision.pool_id)
+        return Admitted(task_id, decision.pool_id, decision, admission)
+
+    async def _enqueue(self, task: AnyTask, task_id: str, correlation_id: Optional[str], trace: RequestTrace,
+                       held_by: Optional[str]) -> tuple[PlacementDecision, Admission]:
+        """The session's turn, placement and the pool's admission."""
         turn: Optional[SessionTurn] = None
         if task.session_id and self.sessions is not None:
             turn = await self.sessions.before_admit(task.session_id, task)
@@ -106,6 +128,9 @@ class TaskService:
         context = turn.context_on(decision.pool_id) if turn is not None else None
         if prompt.chain or decision.alternatives:
             context = replace(context or TaskContext(), prefix_chain=prompt.chain, placement=decision.explain())
+        context = tenant_context(context, current_principal())
+        if held_by is not None:  # the pool settles the reservation when the task ends
+            context = replace(context or TaskContext(), key_id=held_by)
         trace.placed_at = time.monotonic()
         # Counted before the submit's await: requests placed meanwhile see this one.
         self.registry.note_admitted(decision.pool_id, pack(prompt.chain), task_id)
@@ -123,9 +148,7 @@ class TaskService:
         self.registry.remember(task_id, decision.pool_id)
         log.info("admitted at position %d", admission.queue_position, extra={
             "human": _admission_sentence(decision.pool_id, admission)})
-        if task.session_id and self.sessions is not None:
-            await self.sessions.after_admit(task.session_id, decision.pool_id)
-        return Admitted(task_id, decision.pool_id, decision, admission)
+        return decision, admission
 
     def _prompt(self, task: AnyTask) -> Prompt:
         """The prompt's block hashes (prefix-aware placement; the pool records them as cached)."""
@@ -136,6 +159,7 @@ class TaskService:
         """Placement on the views as this replica last saw them (no wait while they are
         young); a refusal from views older than the registry's ttl is checked once more
         against views asked for now, so a pool that came back since is not refused."""
+        await self.registry.ensure_model(task.model_ref)  # a cold model of the set starts loading
         views = await self.registry.views()
         try:
             return self._place(task, views, session_pool_id, prompt, count_refusal=False)

@@ -230,11 +230,14 @@ EXPECTED_CODES = {
     "NOT_FOUND",
     "UNAUTHORIZED",
     "FORBIDDEN",
+    "MODEL_NOT_ALLOWED",
+    "PRIORITY_NOT_ALLOWED",
+    "RATE_LIMITED",
 }
 
 
-def test_error_codes_are_exactly_the_thirteen():
-    assert len(ErrorCode) == 13
+def test_error_codes_are_exactly_the_sixteen():
+    assert len(ErrorCode) == 16
     assert {c.value for c in ErrorCode} == EXPECTED_CODES
     assert {c.name for c in ErrorCode} == EXPECTED_CODES
     assert set(HTTP_STATUS) == set(ErrorCode)
@@ -256,6 +259,9 @@ def test_error_codes_are_exactly_the_thirteen():
         ("NOT_FOUND", 404),
         ("UNAUTHORIZED", 401),
         ("FORBIDDEN", 403),
+        ("MODEL_NOT_ALLOWED", 403),
+        ("PRIORITY_NOT_ALLOWED", 403),
+        ("RATE_LIMITED", 429),
     ],
 )
 def test_http_status(code, status):

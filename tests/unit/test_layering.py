@@ -38,6 +38,10 @@ PURE_MODULES = [
     "orch.observability.logs",
     "orch.pools.manager",
     "orch.pools.task_record",
+    "orch.tenants.keyhash",
+    "orch.tenants.store",
+    "orch.tenants.cache",
+    "orch.tenants.access",
 ]
 #: Packages that are pure as a whole: every module in them is checked.
 PURE_PACKAGES = ("orch.api", "orch.core", "orch.config")
@@ -53,7 +57,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("orch.config",)),
     ("actors", ("orch.actors",)),
     ("components", ("orch.engines", "orch.catalog", "orch.provision", "orch.artifacts", "orch.observability",
-                    "orch.sessions")),
+                    "orch.sessions", "orch.tenants")),
     ("pools", ("orch.pools",)),
     ("serve", ("orch.serve",)),
     ("cli", ("orch.cli",)),

@@ -59,6 +59,8 @@ STARTED = (0, "started", {"queue_position": 0, "predicted_start_ms": 0, "pool_id
 
 
 class Registry:
+    demand = None
+
     def __init__(self, views: list[PoolView], details: Optional[dict[str, PoolDetail]] = None) -> None:
         self._views = views
         self._details = details or {}
@@ -71,6 +73,9 @@ class Registry:
 
     def model_detail(self, pool_id: str) -> Optional[PoolDetail]:
         return self._details.get(pool_id)
+
+    async def ensure_model(self, name: Optional[str], wait: bool = False) -> None:
+        return None  # no model set: nothing loads on demand
 
 
 class Stream:

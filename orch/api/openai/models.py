@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_serializer
 
+from orch.api.models import ModelStatus
 from orch.api.openai.common import OWNED_BY
 
 
@@ -26,6 +27,15 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = OWNED_BY
     pools: list[ModelPool] = Field(default_factory=list)
+    #: A model of the configured model set (an extension): loaded or not, where, since, last used, pinned.
+    model_set: Optional[ModelStatus] = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_model_set(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("model_set") is None:
+            data.pop("model_set", None)
+        return data
 
 
 class ModelList(BaseModel):

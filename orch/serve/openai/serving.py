@@ -35,6 +35,7 @@ from orch.api.openai import (
     ModelCard,
     ModelList,
 )
+from orch.api.models import ModelStatus
 from orch.api.openai.models import ModelPool
 from orch.api.pools import PoolView
 from orch.api.tasks import MAX_SEED, EmbeddingRequest, PlacementOverrides, TaskRequest
@@ -120,6 +121,7 @@ class OpenAIServing:
 
     # -- models --------------------------------------------------------------------------
     async def target(self, model: str, workload: str) -> Target:
+        await self.registry.ensure_model(model, wait=True)  # a cold model of the set: load it, wait for it
         match = match_model(await self.registry.views(), model, workload)
         if match is None:
             raise OpenAIRequestError(ErrorCode.NOT_FOUND, f"the model '{model}' does not exist here; GET /v1/models "
@@ -147,6 +149,9 @@ class OpenAIServing:
                 for name in served_names(pool):
                     card = cards.setdefault(name, ModelCard(id=name))
                     card.pools.append(ModelPool(pool_id=pool.pool_id, engine=pool.engine, parameters=parameters))
+        if self.registry.demand is not None:  # every model of the set, loaded or not
+            for model in (await self.registry.demand.state())["models"]:
+                cards.setdefault(model["id"], ModelCard(id=model["id"])).model_set = ModelStatus(**model)
         return cards
 
     # -- generation ----------------------------------------------------------------------

@@ -15,8 +15,10 @@ from orch.artifacts.actor import PENDING_WAIT_S, artifact_actor
 from orch.artifacts.store import artifact_body
 from orch.core.errors import OrchError
 from orch.serve.http import explain_validation, invalid, read_json
+from orch.serve.auth import principal_of
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
+from orch.tenants.access import owns_artifact, stamped
 
 _ARTIFACT_ID = re.compile(ARTIFACT_ID_PATTERN)
 
@@ -43,7 +45,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
             raise invalid(explain_validation(exc)) from None
         try:
             record = artifact_body(item.kind.value, item.content, tags=item.tags, parent=item.parent,
-                                   metadata=item.metadata)
+                                   metadata=stamped(principal_of(request), item.metadata))
             result = await actor().call("put", record)
         except ValueError as exc:  # e.g. NaN in content: not canonical JSON
             raise invalid(f"artifact cannot be stored: {exc}") from None
@@ -54,15 +56,15 @@ def routes(state: IngressState) -> list[ApiRoute]:
         if not _ARTIFACT_ID.match(art_id):
             raise invalid("artifact id must be 'sha256:' followed by 64 lowercase hex digits")
         record = await actor().call("get", art_id, PENDING_WAIT_S)
-        if record is None:
+        if record is None or not owns_artifact(principal_of(request), record):
             raise OrchError(ErrorCode.NOT_FOUND, f"no artifact '{art_id}'")
         return JSONResponse(record)
 
     return [
         ApiRoute("POST", "/v2/artifacts", create, "Store an artifact; its id is the sha256 of its canonical content",
-                 "artifacts", body=ArtifactCreate, answers={201: ArtifactCreated, 200: ArtifactCreated}),
+                 "artifacts", body=ArtifactCreate, answers={201: ArtifactCreated, 200: ArtifactCreated}, scope="infer"),
         ApiRoute("GET", "/v2/artifacts/{artifact_id}", read, "Read an artifact (task transcripts included)",
-                 "artifacts", answers={200: Artifact}),
+                 "artifacts", answers={200: Artifact}, scope="infer"),
     ]
 
 

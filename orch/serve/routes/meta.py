@@ -92,7 +92,8 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
                 features=pool_features(row, parameters, detail.chat_template if detail is not None else None),
                 parameters=sorted(parameters),
             ))
-        return JSONResponse(Capabilities(api_version=API_VERSION, pools=pools).model_dump())
+        models = (await registry.demand.state())["models"] if registry.demand is not None else []
+        return JSONResponse(Capabilities(api_version=API_VERSION, pools=pools, models=models).model_dump())
 
     async def version(request: Request) -> Response:
         return JSONResponse(version_info().model_dump())
@@ -102,9 +103,9 @@ def routes(state: IngressState, openapi: Callable[[], dict[str, Any]]) -> list[A
 
     return [
         ApiRoute("GET", "/v2/meta/capabilities", capabilities, "What each pool serves and supports", "meta",
-                 answers={200: Capabilities}, errors=(401,)),
+                 answers={200: Capabilities}, errors=(401,), scope=None),
         ApiRoute("GET", "/v2/meta/version", version, "API version, package version and build", "meta",
-                 answers={200: VersionInfo}, errors=(401,)),
+                 answers={200: VersionInfo}, errors=(401,), scope=None),
         ApiRoute("GET", "/openapi.json", openapi_json, "This document", "meta",
-                 answers={200: ("application/json", "OpenAPI 3.1 document")}, errors=(401,)),
+                 answers={200: ("application/json", "OpenAPI 3.1 document")}, errors=(401,), scope=None),
     ]

@@ -57,7 +57,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
         return JSONResponse((await serving.model(request.path_params["model"])).model_dump(mode="json"))
 
     def route(method: str, path: str, handler, summary: str, **kw: Any) -> ApiRoute:
-        return ApiRoute(method, path, handler, summary, "openai", error_model=OpenAIErrorResponse, **kw)
+        return ApiRoute(method, path, handler, summary, "openai", error_model=OpenAIErrorResponse, scope="infer", **kw)
 
     return [
         route("POST", "/v1/completions", generation(CompletionRequest, serving.completion),

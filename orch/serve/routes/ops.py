@@ -53,13 +53,20 @@ def routes(state: IngressState) -> list[ApiRoute]:
                 totals = await state.metrics.read.remote()
             except Exception:  # the totals actor is restarting: pools' series still count
                 totals = {}
+        try:
+            totals = dict(totals, tenants=await state.service.limits.tenant_totals())
+        except Exception:  # the limiter is restarting: the other series still count
+            pass
+        if registry.demand is not None:
+            totals = dict(totals, models=await registry.demand.state(max_age_s=0))
         catalog = totals.get("verifications", {})
         return Response(render(rows, details, totals, catalog), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return [
         ApiRoute("GET", "/metrics", metrics, "Prometheus metrics of every pool and of placement", "operations",
-                 answers={200: ("text/plain", "Prometheus text exposition")}, errors=(401,)),
-        ApiRoute("GET", "/healthz", healthz, "Liveness of the ingress", "operations", answers={200: Health}, errors=()),
+                 answers={200: ("text/plain", "Prometheus text exposition")}, errors=(401,), scope="admin"),
+        ApiRoute("GET", "/healthz", healthz, "Liveness of the ingress", "operations", answers={200: Health}, errors=(),
+                 scope=None),
         ApiRoute("GET", "/readyz", readyz, "Readiness: some pool admits work", "operations",
-                 answers={200: Readiness, 503: Readiness}, errors=()),
+                 answers={200: Readiness, 503: Readiness}, errors=(), scope=None),
     ]

@@ -34,8 +34,12 @@ def routes(state: IngressState) -> list[ApiRoute]:
     config = state.config
     max_body = config.server.max_body_bytes
 
-    def pool_of(request: Request) -> str:
+    def pool_of(request: Request, model_pools: bool = False) -> str:
+        """A configured pool (``model_pools``: or a loaded model's pool, whose lifecycle the
+        model set owns, so operators only read its health)."""
         pool_id = path_id(request, "pool_id", "pool")
+        if model_pools and pool_id in registry.pool_ids():
+            return pool_id
         if pool_id not in {pool.id for pool in config.pools}:
             known = ", ".join(pool.id for pool in config.pools)
             raise OrchError(ErrorCode.NOT_FOUND, f"no pool '{pool_id}'; configured pools: {known}")
@@ -55,12 +59,14 @@ def routes(state: IngressState) -> list[ApiRoute]:
             raise invalid(explain_validation(exc)) from None
 
     async def health(request: Request) -> Response:
-        pool_id = pool_of(request)
+        pool_id = pool_of(request, model_pools=True)
         try:
             snap = await registry.pools.report(pool_id, timeout=5.0)
             body = pool_health(snap.view, snap.detail, live=True)
         except OrchError as exc:
-            row = (await registry.rows())[pool_id]
+            row = (await registry.rows()).get(pool_id)
+            if row is None:  # a model's pool, unloaded meanwhile
+                raise OrchError(ErrorCode.NOT_FOUND, f"no pool '{pool_id}' (its model was unloaded)") from None
             body = pool_health(replace(row, last_error=exc.message, ready=False, active_slots=0), None, live=False)
         return JSONResponse(body.model_dump())
 
@@ -93,14 +99,14 @@ def routes(state: IngressState) -> list[ApiRoute]:
 
     return [
         ApiRoute("GET", "/v2/pools/{pool_id}/health", health, "A pool's liveness, readiness, drain state, last error and metrics",
-                 "pools", answers={200: PoolHealth}),
+                 "pools", answers={200: PoolHealth}, scope="admin"),
         ApiRoute("POST", "/v2/pools/{pool_id}/drain", drain,
                  "Stop admitting; finish queued and running work (until deadline_ms)", "pools",
-                 body=DrainRequest, answers={202: DrainAccepted}),
+                 body=DrainRequest, answers={202: DrainAccepted}, scope="admin"),
         ApiRoute("POST", "/v2/pools/{pool_id}/reload", reload,
                  "Swap the pool's model atomically (Ready on the new one, or rolled back to the old one)", "pools",
-                 body=ReloadRequest, answers={200: ReloadResult}),
+                 body=ReloadRequest, answers={200: ReloadResult}, scope="admin"),
         ApiRoute("POST", "/v2/pools/{pool_id}/purge", purge,
                  "Remove every queued task (each gets a retriable error) and forget finished ones", "pools",
-                 answers={202: PurgeResult}),
+                 answers={202: PurgeResult}, scope="admin"),
     ]

@@ -10,8 +10,10 @@ from orch.api.sessions import SessionInfo
 from orch.core.errors import OrchError
 from orch.serve.http import no_content
 from orch.serve.routes.tasks import path_id
+from orch.serve.auth import principal_of
 from orch.serve.routing import ApiRoute
 from orch.serve.state import IngressState
+from orch.tenants.access import scoped_id
 
 
 def routes(state: IngressState) -> list[ApiRoute]:
@@ -26,14 +28,14 @@ def routes(state: IngressState) -> list[ApiRoute]:
                          f"no session '{session_id}' (never used by an admitted task, deleted, or expired)")
 
     async def read(request: Request) -> Response:
-        session_id = path_id(request, "session_id", "session")
+        session_id = scoped_id(principal_of(request), path_id(request, "session_id", "session"))
         info = await gate().info(session_id)
         if info is None:
             raise missing(session_id)
         return JSONResponse(SessionInfo.model_validate(info).model_dump(mode="json"))
 
     async def delete(request: Request) -> Response:
-        session_id = path_id(request, "session_id", "session")
+        session_id = scoped_id(principal_of(request), path_id(request, "session_id", "session"))
         if not await gate().delete(session_id):
             raise missing(session_id)
         return no_content()
@@ -41,8 +43,8 @@ def routes(state: IngressState) -> list[ApiRoute]:
     return [
         ApiRoute("GET", "/v2/sessions/{session_id}", read,
                  "A session's TTL, turns, KV warmth and budgets left (metadata only, never content)", "sessions",
-                 answers={200: SessionInfo}, errors=(400, 401, 404, 503)),
+                 answers={200: SessionInfo}, errors=(400, 401, 404, 503), scope="infer"),
         ApiRoute("DELETE", "/v2/sessions/{session_id}", delete,
                  "Forget a session; its id starts a fresh session next time", "sessions",
-                 answers={204: None}, errors=(400, 401, 404, 503)),
+                 answers={204: None}, errors=(400, 401, 404, 503), scope="infer"),
     ]

@@ -12,9 +12,11 @@ from orch.api.tasks import ID_PATTERN, AdmissionResponse, StreamLinks, TaskReque
 from orch.observability.logs import bind
 from orch.serve import sse
 from orch.serve.http import correlation_id, explain_validation, invalid, no_content, read_json
+from orch.serve.auth import principal_of
 from orch.serve.routing import ApiRoute
 from orch.serve.service import TaskStream
 from orch.serve.state import IngressState
+from orch.tenants.access import scoped_id
 
 _ID = re.compile(ID_PATTERN)
 
@@ -59,7 +61,7 @@ def routes(state: IngressState) -> list[ApiRoute]:
         return JSONResponse(admission.model_dump(mode="json", exclude_none=True), status_code=202)
 
     async def task_events(request: Request) -> Response:
-        task_id = path_id(request, "task_id", "task")
+        task_id = scoped_id(principal_of(request), path_id(request, "task_id", "task"))
         stream = await service.open_stream(task_id, _resume_cursor(request))
         verbose = request.query_params.get("verbose", "false").lower() in ("true", "1", "yes")
         return StreamingResponse(
@@ -69,19 +71,21 @@ def routes(state: IngressState) -> list[ApiRoute]:
         )
 
     async def cancel_task(request: Request) -> Response:
-        task_id = path_id(request, "task_id", "task")
+        task_id = scoped_id(principal_of(request), path_id(request, "task_id", "task"))
         result = await service.cancel(task_id)
         return no_content({"X-Tokens-Sent": str(result.tokens_sent)})
 
     return [
         ApiRoute("POST", "/v2/tasks", create_task, "Admit a task into a pool's queue", "tasks",
-                 body=TaskRequest, answers={202: AdmissionResponse}),
+                 body=TaskRequest, answers={202: AdmissionResponse}, scope="infer"),
         ApiRoute("GET", "/v2/tasks/{task_id}/events", task_events,
                  "Stream a task's events (started, token, metrics, end | error); resumable with Last-Event-ID",
                  "tasks", answers={200: ("text/event-stream", "Server-Sent Events")},
-                 query={"verbose": "true adds narration", "last_event_id": "resume after this event id"}),
+                 query={"verbose": "true adds narration", "last_event_id": "resume after this event id"},
+                 scope="infer"),
         ApiRoute("POST", "/v2/tasks/{task_id}/cancel", cancel_task,
-                 "Cancel a task; once this returns no further token is sent", "tasks", answers={204: None}),
+                 "Cancel a task; once this returns no further token is sent", "tasks", answers={204: None},
+                 scope="infer"),
     ]
 
 

@@ -122,15 +122,15 @@ def routes(state: IngressState) -> list[ApiRoute]:
     return [
         ApiRoute("GET", "/v2/tasks", recent_tasks, "Recent tasks of every pool, newest first (no prompt text)", "tasks",
                  answers={200: RecentTasks}, query={"limit": f"most tasks listed, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT})"},
-                 errors=(400, 401)),
+                 errors=(400, 401), scope="admin"),
         ApiRoute("GET", "/v2/ui/series", live_series, "The last minutes per pool as this ingress replica saw them: "
                  "tokens/s, first-token time, queue depth (the status page's charts)", "operations",
                  answers={200: LiveSeriesAnswer}, query={"seconds": f"history wanted, 1-{HISTORY_S} (default {HISTORY_S})"},
-                 errors=(400, 401)),
+                 errors=(400, 401), scope="admin"),
         ApiRoute("GET", "/ui", status_page, "Status page: pools and recent tasks", "operations",
-                 answers={200: ("text/html", "the status page")}, errors=(401,), include_in_schema=False),
+                 answers={200: ("text/html", "the status page")}, errors=(401,), include_in_schema=False, scope=None),
         ApiRoute("GET", "/", to_status_page, "Redirect to the status page", "operations",
-                 answers={307: None}, errors=(), include_in_schema=False),
+                 answers={307: None}, errors=(), include_in_schema=False, scope=None),
     ]
 
 
