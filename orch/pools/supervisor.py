@@ -38,6 +38,8 @@ from orch.pools.actor import actor_name, config_digest, pool_handle
 from orch.pools.catalog_watcher import CatalogWatcher
 from orch.pools.demand import ensure_models, stop_models
 from orch.pools.spawn import create_pool_actor, remove_pool_actors
+from orch.tenants.actor import stop_keys_actor
+from orch.tenants.limiter import stop_limiter
 
 log = logging.getLogger("orch.supervisor")
 
@@ -428,8 +430,11 @@ def ensure_pools(config: OrchConfig) -> dict[str, "ray.actor.ActorHandle"]:
 
 
 def shutdown_pools(config: OrchConfig) -> list[str]:
-    """Stop the supervisor, then stop and remove every configured pool actor (they are
+    """Stop the supervisor, the model manager and the tenants' actors (keys and limiter keep
+    their state on disk), then stop and remove every configured pool actor (they are
     detached, so deleting the Serve application alone leaves them holding their GPUs)."""
     stop_supervisor(config.namespace)
     stop_models(config.namespace)
+    stop_keys_actor(config.namespace)
+    stop_limiter(config.namespace)
     return remove_pool_actors(config)

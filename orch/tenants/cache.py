@@ -59,7 +59,7 @@ class KeyCache:
         loop = asyncio.get_running_loop()
         if self._recheck is None or (self._recheck.done() and loop.time() - self._recheck_at >= RECHECK_S):
             self._recheck_at = loop.time()
-            self._recheck = loop.create_task(self.refresh())
+            self._recheck = loop.create_task(self.refresh(create=True))
         try:
             await asyncio.shield(self._recheck)
         except Exception as exc:  # the store is unreachable: the keys as last loaded decide
@@ -74,10 +74,12 @@ class KeyCache:
         self._keys = keys
         self.revision = revision
 
-    async def refresh(self) -> bool:
-        """Reload when the store's revision moved; says whether it did."""
-        revision = await self.backend.revision()
-        if revision == self.revision:
+    async def refresh(self, create: bool = False) -> bool:
+        """Reload when the store's revision moved; says whether it did. ``create``: start the
+        store's actor if it is not running (a key was presented that this cache does not
+        know); otherwise a store nobody has started yet has no keys."""
+        revision = await self.backend.revision(create)
+        if revision is None or revision == self.revision:
             return False
         self.load(*await self.backend.active())
         return True

@@ -63,6 +63,12 @@ class LimiterActor:
         except OSError as exc:
             log.warning("limiter: could not save usage to %s: %s", self.path, exc)
 
+    async def flush(self) -> None:
+        """Save now what is not saved yet (before the actor is stopped)."""
+        if self.path is not None and self._dirty:
+            self._dirty = False
+            await asyncio.to_thread(_write, self.path, json.dumps(self.book.dump()))
+
     async def reserve(self, key_id: str, tenant: str, limits: dict[str, Any], task_id: str,
                       estimate: int) -> tuple:
         """``Verdict.to_wire()`` of the reservation."""
@@ -119,6 +125,18 @@ def _write(path: Path, data: str) -> None:
 def limiter_actor(namespace: str, path: Optional[str] = None):
     """The orchestrator's limiter, created on first use (on the head node, beside the keys)."""
     return singleton(LimiterActor, ACTOR_NAME, namespace, path, max_concurrency=1000)
+
+
+def stop_limiter(namespace: str) -> None:
+    """Save its usage and stop it (the next request with a key starts it again)."""
+    limiter = find_limiter(namespace)
+    if limiter is None:
+        return
+    try:
+        ray.get(limiter.flush.remote(), timeout=10)
+    except Exception as exc:  # stopped regardless; at most the last few seconds are unsaved
+        log.warning("limiter did not save its usage before stopping: %s", exc)
+    ray.kill(limiter, no_restart=True)
 
 
 def find_limiter(namespace: str):

@@ -160,7 +160,7 @@ class LocalKeys:
     async def rotate(self, key_id: str) -> Optional[dict[str, Any]]:
         return self.store.rotate(key_id)
 
-    async def revision(self) -> int:
+    async def revision(self, create: bool = False) -> int:
         return self.store.revision()
 
     async def active(self) -> tuple[int, list[dict[str, Any]]]:

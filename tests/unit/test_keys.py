@@ -102,9 +102,9 @@ def test_a_key_made_on_another_replica_works_at_once_and_misses_share_one_store_
     class Counting(LocalKeys):
         checks = 0
 
-        async def revision(self) -> int:
+        async def revision(self, create: bool = False) -> int:
             Counting.checks += 1
-            return await super().revision()
+            return await super().revision(create)
 
     cache = KeyCache(Counting(store))
     asyncio.run(cache.refresh())
@@ -217,3 +217,19 @@ def test_the_store_uses_parameters_never_string_formatting_for_values():
     source = inspect.getsource(store_module)
     assert "execute(f\"" not in source.replace('execute(f"SELECT {_INFO_COLUMNS}', "")
     assert ".format(" not in source and "%s" not in source
+
+
+def test_no_keys_actor_runs_until_a_key_is_made_or_presented(monkeypatch):
+    from orch.tenants import actor as keys_module
+
+    lookups = []
+    monkeypatch.setattr(keys_module, "find_actor", lambda name, namespace: lookups.append(name))
+    backend = keys_module.ActorKeys("/nonexistent/keys.sqlite", "ns")
+    monkeypatch.setattr(backend._client, "call", lambda *a, **k: pytest.fail("the keys actor was started"))
+    cache = KeyCache(backend)
+
+    async def polls() -> list:
+        return [await cache.refresh() for _ in range(3)]
+
+    assert asyncio.run(polls()) == [False] * 3 and cache.revision is None
+    assert lookups == ["orch-keys"]  # looked up once, then not again within a second
