@@ -42,6 +42,8 @@ log = logging.getLogger("orch.models")
 ACTOR_NAME = "orch-models"
 #: A pool that does not answer within this long is treated as gone.
 CALL_TIMEOUT_S = 10.0
+#: A pool's view that did not come this time (see ``ModelManager._view``).
+UNANSWERED = object()
 #: How long one load may take before it counts as failed.
 LOAD_TIMEOUT_S = 900.0
 #: Upper bounds (seconds) of the ``model_load_seconds`` buckets.
@@ -118,7 +120,7 @@ class ModelManager:
             if handle is None or entry.id in self.handles:
                 continue
             view = await self._view(entry.id, handle)
-            if view is not None and view.ready:
+            if isinstance(view, PoolView) and view.ready:
                 record = self._record(entry.id)
                 record.state, record.loaded_in = LOADED, record.budget or sorted(self.budget_bytes)[0]
                 record.since = record.last_used = time.time()
@@ -265,7 +267,7 @@ class ModelManager:
         deadline = time.monotonic() + seconds + 2
         while time.monotonic() < deadline:
             view = await self._view(model_id, handle)
-            if view is None or view.active_slots + view.queue_depth == 0:
+            if view is None or (view is not UNANSWERED and view.active_slots + view.queue_depth == 0):
                 return
             await asyncio.sleep(0.1)
 
@@ -279,7 +281,7 @@ class ModelManager:
         except Exception:  # gone already: nothing to keep
             return True
         view = await self._view(model_id, handle)
-        if view is not None and view.active_slots + view.queue_depth > 0:
+        if view is UNANSWERED or (view is not None and view.active_slots + view.queue_depth > 0):
             self.records[model_id].busy = True
             try:
                 await asyncio.wait_for(handle.undrain.remote(), CALL_TIMEOUT_S)
@@ -367,6 +369,8 @@ class ModelManager:
         views = await asyncio.gather(*(self._view(r.id, self.handles.get(r.id)) for r in loaded))
         now = time.time()
         for record, view in zip(loaded, views):
+            if view is UNANSWERED:
+                continue
             if view is None:
                 if self.handles.get(record.id) is not None or record.state == LOADED:
                     log.warning("model %s: its pool is gone; unloaded", record.id, extra={"pool_id": record.id})
@@ -378,13 +382,19 @@ class ModelManager:
             if record.busy:
                 record.last_used = now
 
-    async def _view(self, model_id: str, handle: Any) -> Optional[PoolView]:
+    async def _view(self, model_id: str, handle: Any) -> Any:
+        """The pool's view; None when its actor is dead; ``UNANSWERED`` when it did not answer
+        this time (slow, restarting, an error in the call): that is no reason to unload it."""
         if handle is None:
             return None
         try:
             return await asyncio.wait_for(handle.snapshot.remote(), CALL_TIMEOUT_S)
-        except Exception:
+        except ray.exceptions.ActorDiedError:
             return None
+        except Exception as exc:
+            log.warning("model %s: its pool did not answer (%s: %s); asking again next round", model_id,
+                        type(exc).__name__, exc, extra={"pool_id": model_id})
+            return UNANSWERED
 
     # -- helpers --------------------------------------------------------------------------
     def _known(self, model_id: str) -> None:
