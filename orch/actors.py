@@ -9,9 +9,12 @@ it), looks it up by name once before giving up: the replacement answers to the s
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Callable, Optional
 
 import ray
+
+log = logging.getLogger("orch.actors")
 
 HEAD_NODE = "node:__internal_head__"
 
@@ -42,6 +45,21 @@ def find_actor(name: str, namespace: str):
         return ray.get_actor(name, namespace=namespace)
     except ValueError:
         return None
+
+
+def stop_actor(name: str, namespace: str, finish: Optional[str] = None, timeout_s: float = 60) -> bool:
+    """Stop the named actor if it exists, after calling its ``finish`` method (stop its pools,
+    save its state) for at most ``timeout_s``; says whether there was one to stop."""
+    actor = find_actor(name, namespace)
+    if actor is None:
+        return False
+    if finish is not None:
+        try:
+            ray.get(getattr(actor, finish).remote(), timeout=timeout_s)
+        except Exception as exc:  # it is killed regardless
+            log.warning("%s did not finish %s before stopping: %s", name, finish, exc)
+    ray.kill(actor, no_restart=True)
+    return True
 
 
 class ActorClient:

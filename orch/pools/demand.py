@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import ray
 
-from orch.actors import find_actor, singleton
+from orch.actors import find_actor, singleton, stop_actor
 from orch.api.errors import ErrorCode
 from orch.api.pools import CatalogBinding, PoolView
 from orch.config import OrchConfig, PoolConfig, parse_config, to_wire
@@ -443,11 +443,4 @@ def ensure_models(config: OrchConfig):
 
 
 def stop_models(namespace: str) -> None:
-    manager = find_actor(ACTOR_NAME, namespace)
-    if manager is None:
-        return
-    try:
-        ray.get(manager.stop_all.remote(), timeout=60)
-    except Exception as exc:  # it is killed regardless
-        log.warning("model manager did not stop its pools cleanly: %s", exc)
-    ray.kill(manager, no_restart=True)
+    stop_actor(ACTOR_NAME, namespace, "stop_all")

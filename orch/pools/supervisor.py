@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import ray
 
-from orch.actors import find_actor, singleton
+from orch.actors import find_actor, singleton, stop_actor
 from orch.api.pools import CatalogBinding, PoolSnapshot, PoolView
 from orch.catalog import binding as bindings
 from orch.config import OrchConfig, PoolConfig, check_gpu_capacity, parse_config, to_wire
@@ -391,14 +391,8 @@ def ensure_supervisor(config: OrchConfig):
 
 
 def stop_supervisor(namespace: str) -> None:
-    supervisor = find_actor(ACTOR_NAME, namespace)
-    if supervisor is None:
+    if not stop_actor(ACTOR_NAME, namespace, "stop_all"):
         return
-    try:
-        ray.get(supervisor.stop_all.remote(), timeout=60)
-    except Exception as exc:  # it is killed regardless
-        log.warning("supervisor did not stop its pools cleanly: %s", exc)
-    ray.kill(supervisor, no_restart=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if find_actor(ACTOR_NAME, namespace) is None:

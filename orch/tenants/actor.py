@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import ray
 
-from orch.actors import ActorClient, find_actor, singleton
+from orch.actors import ActorClient, find_actor, singleton, stop_actor
 from orch.tenants.cache import KeyCache
 from orch.tenants.store import KeyStore
 
@@ -56,9 +56,7 @@ class KeysActor:
 
 def stop_keys_actor(namespace: str) -> None:
     """Stop the keys actor (its state is all in the sqlite file)."""
-    actor = find_actor(ACTOR_NAME, namespace)
-    if actor is not None:
-        ray.kill(actor, no_restart=True)
+    stop_actor(ACTOR_NAME, namespace)
 
 
 def keys_actor(path: str, namespace: str):

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import ray
 
-from orch.actors import find_actor, singleton
+from orch.actors import find_actor, singleton, stop_actor
 from orch.api.keys import KeyLimits
 from orch.core.limits import LimitBook
 
@@ -129,14 +129,7 @@ def limiter_actor(namespace: str, path: Optional[str] = None):
 
 def stop_limiter(namespace: str) -> None:
     """Save its usage and stop it (the next request with a key starts it again)."""
-    limiter = find_limiter(namespace)
-    if limiter is None:
-        return
-    try:
-        ray.get(limiter.flush.remote(), timeout=10)
-    except Exception as exc:  # stopped regardless; at most the last few seconds are unsaved
-        log.warning("limiter did not save its usage before stopping: %s", exc)
-    ray.kill(limiter, no_restart=True)
+    stop_actor(ACTOR_NAME, namespace, "flush", timeout_s=10)
 
 
 def find_limiter(namespace: str):
