@@ -30,6 +30,7 @@ class PoolMetrics(BaseModel):
     queue_capacity: int
     queue_policy: str
     slots: int
+    reserve_slots: int = Field(default=0, description="slots only a tenant with nothing running may take")
     active_slots: int
     service_ms: float = Field(description="moving average of one task's run time")
     vram_total_bytes: Optional[int] = Field(default=0, description="0 without GPUs; null: unknown (the probe failed)")
@@ -126,6 +127,7 @@ def pool_health(view: PoolView, detail: Optional[PoolDetail], live: bool = True)
             queue_capacity=view.queue_capacity,
             queue_policy=view.queue_policy,
             slots=view.slots,
+            reserve_slots=view.reserve_slots,
             active_slots=view.active_slots,
             service_ms=view.service_ms,
             vram_total_bytes=view.vram_total_bytes,

@@ -67,6 +67,9 @@ class PoolView:
     vram_free_bytes: Optional[int] = 0
     vram_total_bytes: Optional[int] = 0
     slots: int = 1
+    #: Slots kept for tenants with nothing running (``tenant_reserve_slots``); active_slots
+    #: counts the busy ones of both kinds.
+    reserve_slots: int = 0
     active_slots: int = 0
     queue_depth: int = 0
     device_mask: Optional[str] = None

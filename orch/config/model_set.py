@@ -30,6 +30,8 @@ class ModelEntry(Strict):
     #: Context per slot.
     ctx: int = Field(default=2048, ge=64)
     slots: int = Field(default=1, ge=1, le=256)
+    #: As a pool's ``tenant_reserve_slots`` (orch/config/schema.py).
+    tenant_reserve_slots: Optional[int] = Field(default=None, ge=0, le=64)
     #: Never evicted; still unloaded by an operator's unload.
     pinned: bool = False
     #: Seconds an idle model stays loaded: 0 unloads it as soon as it is idle, -1 never.
@@ -70,10 +72,11 @@ class ModelEntry(Strict):
         return max(math.ceil(self.num_gpus), tp if isinstance(tp, int) and tp > 0 else 1)
 
     def estimate(self) -> Optional[int]:
-        """Bytes the model needs loaded (weights + KV for ctx x slots); None when unknown."""
+        """Bytes the model needs loaded (weights + KV for ctx x slots, reserve included); None
+        when unknown."""
         if self.size_bytes is not None:
             return self.size_bytes
-        return estimate_for_ref(self.ref, self.ctx, self.slots)
+        return estimate_for_ref(self.ref, self.ctx, self.slots + (self.tenant_reserve_slots or 0))
 
 
 class BudgetConfig(Strict):
@@ -149,11 +152,13 @@ class ModelSetConfig(Strict):
             named = ", ".join(f"'{b.id}' {fmt_bytes(room.total)}"
                               + (f" ({b.gpus} GPUs of {fmt_bytes(b.gpu_memory_bytes)})" if room.per_gpu else "")
                               for b, room in zip(candidates, rooms))
+            reserve = model.tenant_reserve_slots or 0
+            reserved = f" + {reserve} reserved for tenants" if reserve else ""
             spans = (f", {fmt_bytes(math.ceil(needed / target.gpu_count))} on each of {target.gpu_count} GPUs"
                      if target.gpu_count > 1 else "")
             raise ValueError(
                 f"models[{index}] '{model.id}' needs about {fmt_bytes(needed)} (weights + KV for ctx {model.ctx} x "
-                f"{model.slots} slots{spans}) but no budget holds it ({named}); use a smaller ctx, fewer slots, "
+                f"{model.slots} slots{reserved}{spans}) but no budget holds it ({named}); use a smaller ctx, fewer slots, "
                 "a smaller model, or a larger budget")
 
     def model(self, model_id: str) -> ModelEntry:

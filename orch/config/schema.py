@@ -50,6 +50,11 @@ class PoolConfig(Strict):
     allow_cpu: bool = False
     #: Tasks decoded at the same time.
     slots: int = Field(default=1, ge=1, le=256)
+    #: Extra slots only a tenant with nothing running on the pool may take, when every
+    #: slot is busy: another tenant's backlog then never makes it wait for a slot to free.
+    #: The engine is sized for ``slots`` + these. Default: 1 when the config declares
+    #: tenants, else 0.
+    tenant_reserve_slots: Optional[int] = Field(default=None, ge=0, le=64)
     #: Context per slot; defaults to the model's trained context, capped at 4096.
     ctx: Optional[int] = Field(default=None, ge=64)
     max_tokens_out: Optional[int] = Field(default=None, ge=1)
@@ -94,6 +99,15 @@ class PoolConfig(Strict):
                 "set num_gpus to the GPUs it needs, or allow_cpu: true to run it on CPU"
             )
         return self
+
+    @property
+    def reserve_slots(self) -> int:
+        return self.tenant_reserve_slots or 0
+
+    @property
+    def engine_slots(self) -> int:
+        """Sequences the engine is sized for: the slots and the tenants' reserve."""
+        return self.slots + self.reserve_slots
 
 
 class ServerConfig(Strict):
@@ -246,6 +260,21 @@ class OrchConfig(Strict):
             for index in range(pool.replicas):
                 expanded.append(pool.model_copy(update={"id": f"{pool.id}-{index}", "replicas": 1, "replica_set": pool.id}))
         object.__setattr__(self, "pools", expanded)
+        return self
+
+    @model_validator(mode="after")
+    def _default_tenant_reserve(self) -> "OrchConfig":
+        """Unset ``tenant_reserve_slots``: one reserve slot where tenants are declared."""
+        reserve = 1 if self.tenants.declared else 0
+        object.__setattr__(self, "pools", [
+            pool if pool.tenant_reserve_slots is not None else pool.model_copy(update={"tenant_reserve_slots": reserve})
+            for pool in self.pools])
+        if self.model_set is not None:
+            object.__setattr__(self.model_set, "models", [
+                model if model.tenant_reserve_slots is not None
+                else model.model_copy(update={"tenant_reserve_slots": reserve})
+                for model in self.model_set.models])
+            self.model_set._consistent()  # the fit check again, the reserve counted
         return self
 
     @model_validator(mode="after")

@@ -21,6 +21,9 @@ when keys are not in use) the order is exactly FIFO.
 - ``position()`` and ``ids()`` are the real pop order of what is queued now: pops move only
   ``V``, so that order holds until the next enqueue or cancel (a later arrival of a less
   served tenant may go ahead, as an interactive task may).
+- ``pop_idle()`` serves a pool's reserve slot: the next task of a tenant with nothing running,
+  ahead of the order above (its tenant was charged its share when it was queued, so its
+  later tasks still wait their turn). It moves ``V`` only when that task was next anyway.
 
 When the queue is full, policy ``reject`` refuses the newcomer, and policy ``drop-lru``
 evicts a least recently queued task to make room: from the batch band if it holds any, else
@@ -43,7 +46,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Generic, Iterator, Optional, TypeVar
+from typing import Container, Generic, Iterator, Optional, TypeVar
 
 from orch.api.tasks import Priority
 
@@ -137,19 +140,24 @@ class _Band:
         self.count += 1
         return entry
 
-    def pop(self) -> Optional[_Entry]:
+    def pop(self, skip: Container[str] = ()) -> Optional[_Entry]:
+        """The task with the smallest tag, of a tenant not in ``skip``."""
         best: Optional[_Tenant] = None
+        first: Optional[_Tenant] = None  # the smallest tag of all: virtual time moves only to it
         for name, state in list(self.tenants.items()):
             if not state.queue:
                 if state.finish <= self.vtime:  # nothing left to remember: it would start at V anyway
                     del self.tenants[name]
                 continue
-            if best is None or state.queue[0].key < best.queue[0].key:
+            if first is None or state.queue[0].key < first.queue[0].key:
+                first = state
+            if name not in skip and (best is None or state.queue[0].key < best.queue[0].key):
                 best = state
         if best is None:
             return None
         entry = best.queue.popleft()
-        self.vtime = entry.start
+        if best is first:
+            self.vtime = entry.start
         self.count -= 1
         self._forget_if_idle()
         return entry
@@ -250,6 +258,16 @@ class TaskQueue(Generic[T]):
         """Next task to run, or None when empty."""
         for priority in _ORDER:
             entry = self._bands[priority].pop()
+            if entry is not None:
+                del self._where[entry.task_id]
+                return entry.task_id, entry.item  # type: ignore[return-value]
+        return None
+
+    def pop_idle(self, busy: Container[str]) -> Optional[tuple[str, T]]:
+        """Next task of a tenant not in ``busy`` (tenants with work running), by priority and
+        then tag; None when every queued task's tenant is busy. What a reserve slot takes."""
+        for priority in _ORDER:
+            entry = self._bands[priority].pop(skip=busy)
             if entry is not None:
                 del self._where[entry.task_id]
                 return entry.task_id, entry.item  # type: ignore[return-value]

@@ -75,20 +75,20 @@ def build_engine(config: PoolConfig, binding: Optional[CatalogBinding] = None) -
     if engine == "llamacpp":
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=False) or resolve_local(config.model, base_dir=project_root())
-        return llamacpp_engine(path, slots=config.slots, ctx=config.ctx, threads=llamacpp_threads(config),
+        return llamacpp_engine(path, slots=config.engine_slots, ctx=config.ctx, threads=llamacpp_threads(config),
                                **config.engine_options)
     if engine == "vllm":
         _refuse_external(config, binding)
         path = bound_model_path(config, binding, directory_ok=True) or resolve_local_path(
             config.model, base_dir=project_root())
-        return VllmEngine(path, slots=config.slots, ctx=config.ctx, engine_options=config.engine_options)
+        return VllmEngine(path, slots=config.engine_slots, ctx=config.ctx, engine_options=config.engine_options)
     if engine == "external":
         options = dict(config.engine_options)
         if binding is not None and binding.engine_url:  # an external engine handed off to this pool
             options["base_url"] = binding.engine_url
             if binding.api_key_env:
                 options["api_key_env"] = binding.api_key_env
-        return ExternalEngine(config.model, slots=config.slots, ctx=config.ctx, **options)
+        return ExternalEngine(config.model, slots=config.engine_slots, ctx=config.ctx, **options)
     if engine == "mock":
-        return MockEngine.from_options(dict(config.engine_options), slots=config.slots, ctx=config.ctx)
+        return MockEngine.from_options(dict(config.engine_options), slots=config.engine_slots, ctx=config.ctx)
     raise EngineError(f"engine '{engine}' cannot host a pool")

@@ -79,7 +79,7 @@ def families(views: dict[str, PoolView], details: dict[str, PoolDetail], ingress
         detail = details.get(pool_id)
         if detail is not None:
             _pool_counters(out, base, detail)
-        slots = max(1, view.slots)
+        slots = max(1, view.slots + view.reserve_slots)
         out["slots_active"].add_metric(base, view.active_slots)
         out["slots_total"].add_metric(base, view.slots)
         out["kv_cache_usage_ratio"].add_metric(base, view.active_slots / slots)

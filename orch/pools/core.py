@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
@@ -61,14 +62,21 @@ class PoolCore:
         #: Tasks queued before the model was loaded, whose exact checks run once it is.
         self.deferred: dict[str, TaskRequest] = {}
         self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self.executor = ThreadPoolExecutor(max_workers=config.slots + 1, thread_name_prefix=f"pool-{config.id}")
+        self.executor = ThreadPoolExecutor(max_workers=config.engine_slots + 1, thread_name_prefix=f"pool-{config.id}")
         #: Set when there may be work for an idle slot.
         self.work = asyncio.Event()
+        #: Set when a reserve slot may have work: a task queued, or a tenant's last task ended.
+        self.reserve_work = asyncio.Event()
         #: Cleared while the engine is swapped: slots take no new task.
         self.dispatch_open = asyncio.Event()
         self.dispatch_open.set()
         self.active_slots = 0
         self.free_slots: list[int] = list(range(config.slots))
+        #: The tenants' reserve (see ``PoolConfig.tenant_reserve_slots``): engine slots after
+        #: the regular ones, each taken only by a tenant with nothing running here.
+        self.free_reserve: list[int] = list(range(config.slots, config.engine_slots))
+        #: Tasks running per tenant.
+        self.running_tenants: Counter[str] = Counter()
         #: The task each busy slot runs (the watchdog's view of the slots).
         self.running: dict[int, TaskRecord] = {}
         self.service_ms = 1000.0  # moving average of a task's run time
@@ -164,6 +172,7 @@ class PoolCore:
 
     def wake(self) -> None:
         self.work.set()
+        self.reserve_work.set()
 
 
 def prefix_source(engine: Optional[Engine], name: str, config: PoolConfig) -> tuple[int, Any, int]:
@@ -171,7 +180,7 @@ def prefix_source(engine: Optional[Engine], name: str, config: PoolConfig) -> tu
     cache report (when it can tell), and the tokens its KV cache holds (0 unknown)."""
     if engine is None:
         return 0, None, 0
-    return (entries_for(name, config.slots, config.engine_options), getattr(engine, "cache_report", None),
+    return (entries_for(name, config.engine_slots, config.engine_options), getattr(engine, "cache_report", None),
             int(getattr(engine, "cache_capacity_tokens", 0) or 0))
 
 

@@ -206,6 +206,7 @@ class PoolManager:
         core.life.to(PoolState.ready)
         self.admission.admit_deferred()
         self._workers = [asyncio.create_task(self.slots.worker()) for _ in range(core.config.slots)]
+        self._workers += [asyncio.create_task(self.slots.reserve_worker()) for _ in range(core.config.reserve_slots)]
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self.watchdog.run())
         core.last_error = None

@@ -37,6 +37,7 @@ def view(core: PoolCore, node_id: Optional[str] = None, runtime_env_key: Optiona
         drained=core.draining and len(core.queue) == 0 and core.active_slots == 0,
         workloads=workloads(engine),
         slots=core.config.slots,
+        reserve_slots=core.config.reserve_slots,
         active_slots=core.active_slots,
         queue_depth=len(core.queue),
         queue_capacity=core.queue.capacity,

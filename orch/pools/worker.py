@@ -39,19 +39,43 @@ class Slots:
                 core.work.clear()
                 await core.work.wait()
                 continue
-            _, record = item
-            slot = core.free_slots.pop()
-            core.active_slots += 1
-            core.running[slot] = record
-            try:
-                await self._run(record, slot)
-            except Exception as exc:  # never let one task kill the slot
-                log.exception("pool %s: task %s failed", core.pool_id, record.task_id)
-                core.fail(record, ErrorCode.INTERNAL, f"engine failed: {exc}")
-            finally:
-                core.running.pop(slot, None)
-                core.active_slots -= 1
-                core.free_slots.append(slot)
+            await self._hold(item[1], core.free_slots)
+
+    async def reserve_worker(self) -> None:
+        """One reserve slot: while every regular slot is busy, it runs the next task of a
+        tenant that has nothing running here, so that tenant never waits behind another's
+        backlog for a slot to free. An idle regular slot takes the work first."""
+        core = self.core
+        while True:
+            await core.dispatch_open.wait()
+            core.reserve_work.clear()
+            item = core.queue.pop_idle(core.running_tenants) if not core.free_slots else None
+            if item is None:
+                await core.reserve_work.wait()
+                continue
+            await self._hold(item[1], core.free_reserve)
+
+    async def _hold(self, record: TaskRecord, free: list[int]) -> None:
+        """Run ``record`` on a slot taken from ``free`` and hand the slot back."""
+        core = self.core
+        slot = free.pop()
+        tenant = record.context.tenant
+        core.active_slots += 1
+        core.running[slot] = record
+        core.running_tenants[tenant] += 1
+        try:
+            await self._run(record, slot)
+        except Exception as exc:  # never let one task kill the slot
+            log.exception("pool %s: task %s failed", core.pool_id, record.task_id)
+            core.fail(record, ErrorCode.INTERNAL, f"engine failed: {exc}")
+        finally:
+            core.running.pop(slot, None)
+            core.active_slots -= 1
+            free.append(slot)
+            core.running_tenants[tenant] -= 1
+            if core.running_tenants[tenant] <= 0:
+                del core.running_tenants[tenant]
+                core.reserve_work.set()  # its queued work, if any, may take a reserve slot now
 
     async def _run(self, record: TaskRecord, slot: int) -> None:
         core = self.core

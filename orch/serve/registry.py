@@ -202,6 +202,7 @@ class PoolRegistry:
             model_aliases=tuple(pool.model_aliases),
             ready=False,
             slots=pool.slots,
+            reserve_slots=pool.reserve_slots,
             vram_free_bytes=None,
             vram_total_bytes=None,
             live=False,

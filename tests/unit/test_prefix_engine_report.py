@@ -205,7 +205,7 @@ def test_a_vllm_engine_without_its_kv_events_leaves_an_estimate_bounded_by_its_k
     engine._llm = SimpleNamespace(vllm_config=SimpleNamespace(cache_config=SimpleNamespace(
         num_gpu_blocks=1000, block_size=16)))
     assert engine.cache_capacity_tokens == 16_000 and engine.cache_report() is None
-    config = SimpleNamespace(slots=4, engine_options={})
+    config = SimpleNamespace(engine_slots=4, engine_options={})
     assert prefix_source(engine, "vllm", config)[0] == entries_for("vllm", 4, {})
     assert prefix_source(engine, "vllm", config)[2] == 16_000
     engine._llm = None
