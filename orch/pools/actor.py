@@ -159,6 +159,9 @@ class PoolActor:
     async def poll(self, task_id: str, cursor: int, wait_s: float) -> PollResult:
         return await self.manager.poll(task_id, cursor, wait_s)
 
+    async def poll_many(self, requests: list[tuple[str, int]], wait_s: float) -> list[PollResult]:
+        return await self.manager.poll_many(requests, wait_s)
+
     async def cancel(self, task_id: str) -> CancelResult:
         return await self.manager.cancel(task_id)
 

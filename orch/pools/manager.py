@@ -20,7 +20,7 @@ import asyncio
 import heapq
 import logging
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
@@ -284,6 +284,39 @@ class PoolManager:
             return results.unknown_task(task_id, self.pool_id)
         events, done = await record.poll(cursor, wait_s)
         return results.page(events, done, first_token_marks(record, events))
+
+    async def poll_many(self, requests: Sequence[tuple[str, int]], wait_s: float) -> list[PollResult]:
+        """``poll`` for several tasks in one call, answered as soon as any of them has news
+        (then with everything every one of them has): an ingress relays a step's tokens of
+        all its streams on this pool with one message, not one per stream."""
+        records = [self.core.tasks.get(task_id) for task_id, _ in requests]
+        pages = await self._pages(requests, records)
+        if wait_s <= 0 or any(page.events or page.done or page.error for page in pages):
+            return pages
+        waiter = asyncio.get_running_loop().create_future()
+        watched = [record for record in records if record is not None]
+        for record in watched:
+            record.watch(waiter)
+        try:
+            await asyncio.wait_for(waiter, wait_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            for record in watched:
+                record.unwatch(waiter)
+        await asyncio.sleep(0)  # the same step's other tokens land before the answer leaves
+        return await self._pages(requests, records)
+
+    async def _pages(self, requests: Sequence[tuple[str, int]],
+                     records: list[Optional[TaskRecord]]) -> list[PollResult]:
+        pages = []
+        for (task_id, cursor), record in zip(requests, records):
+            if record is None:
+                pages.append(results.unknown_task(task_id, self.pool_id))
+                continue
+            events, done = await record.poll(cursor, 0.0)
+            pages.append(results.page(events, done, first_token_marks(record, events)))
+        return pages
 
     async def cancel(self, task_id: str) -> CancelResult:
         """Stop a task; once this returns no further token of it reaches any stream."""

@@ -183,6 +183,14 @@ class TaskRecord:
             done = self.terminal and end >= len(self.events)
         return [(cursor + k, kind, data) for k, (kind, data) in enumerate(batch)], done
 
+    def watch(self, waiter: asyncio.Future) -> None:
+        """Resolve ``waiter`` at this record's next event or ack (one waiter may watch many)."""
+        self._waiters.append(waiter)
+
+    def unwatch(self, waiter: asyncio.Future) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
     def _wake_now(self) -> None:
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:

@@ -10,7 +10,7 @@ submit or cancel is never sent twice).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import ray
 
@@ -31,6 +31,7 @@ from orch.api.pools import (
 from orch.api.tasks import EmbeddingRequest, TaskRequest
 from orch.core.errors import OrchError
 from orch.pools.actor import pool_handle
+from orch.serve.poll_mux import PollMux
 
 
 class PreparationError(OrchError):
@@ -83,6 +84,7 @@ class PoolClient:
     def __init__(self, namespace: str, handles: Optional[dict[str, Any]] = None) -> None:
         self.namespace = namespace
         self._clients: dict[str, ActorClient] = {}
+        self._muxes: dict[str, PollMux] = {}
         for pool_id, handle in (handles or {}).items():
             self._client(pool_id).handle = handle
 
@@ -152,14 +154,35 @@ class PoolClient:
             raise raised(result.error)
         return result.admission
 
-    async def poll(self, pool_id: str, task_id: str, cursor: int, wait_s: float) -> PollResult:
-        """The task's events from ``cursor``; a lost pool ends the stream with WORKER_RESET."""
+    async def poll(self, pool_id: str, task_id: str, cursor: int, wait_s: float, together: bool = False) -> PollResult:
+        """The task's events from ``cursor``; a lost pool ends the stream with WORKER_RESET.
+        ``together``: a long poll of a running task, sent with the other running streams' polls
+        of the same pool (orch/serve/poll_mux.py). A queued task polls alone: it may wait long,
+        and a round carries every poll it holds each time any of them has news."""
+        if together and wait_s > 0:
+            return await self._mux(pool_id).poll(task_id, cursor, wait_s)
         try:
             return await self.call(pool_id, "poll", task_id, cursor, wait_s)
         except PoolLost:
-            lost = SSEError(code=ErrorCode.WORKER_RESET, message=f"pool '{pool_id}' was lost while serving this "
-                            "task; resubmit it", retriable=True, pool_id=pool_id)
-            return PollResult(events=((cursor, "error", lost.payload()),), done=True)
+            return self._lost_page(pool_id, cursor)
+
+    def _mux(self, pool_id: str) -> PollMux:
+        mux = self._muxes.get(pool_id)
+        if mux is None:
+            async def send(requests: Sequence[tuple[str, int]], wait_s: float) -> list[PollResult]:
+                return await self.call(pool_id, "poll_many", list(requests), wait_s)
+
+            def lost(exc: BaseException, cursor: int) -> Optional[PollResult]:
+                return self._lost_page(pool_id, cursor) if isinstance(exc, PoolLost) else None
+
+            mux = self._muxes[pool_id] = PollMux(send, lost)
+        return mux
+
+    @staticmethod
+    def _lost_page(pool_id: str, cursor: int) -> PollResult:
+        lost = SSEError(code=ErrorCode.WORKER_RESET, message=f"pool '{pool_id}' was lost while serving this "
+                        "task; resubmit it", retriable=True, pool_id=pool_id)
+        return PollResult(events=((cursor, "error", lost.payload()),), done=True)
 
     async def cancel(self, pool_id: str, task_id: str) -> CancelResult:
         try:

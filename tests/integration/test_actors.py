@@ -81,6 +81,12 @@ def test_client_without_retry_raises_the_mapped_error_and_forgets_the_handle(nam
         with pytest.raises(Lost):
             await client.call("bump")
         assert client.handle is None
+        # Ray frees a killed detached actor's name a moment after the kill; until then a lookup
+        # by name still finds the dying one. Wait for the name, bounded, then reconnect.
+        for _ in range(100):
+            if find_actor("counter", namespace) is None:
+                break
+            await asyncio.sleep(0.1)
         assert await client.call("bump") == 1  # next call connects to a new one
 
     asyncio.run(scenario())
