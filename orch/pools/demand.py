@@ -54,8 +54,9 @@ def pool_config(entry: ModelEntry, node_id: Optional[str] = None, gpu_memory_byt
     """The pool a model of the set loads in: named after the model, which is also its alias."""
     return PoolConfig(id=entry.id, engine=entry.engine, model=entry.ref, model_aliases=[entry.id],
                       num_gpus=entry.num_gpus, num_cpus=entry.num_cpus, allow_cpu=entry.num_gpus == 0,
-                      slots=entry.slots, tenant_reserve_slots=entry.tenant_reserve_slots, ctx=entry.ctx, threads=entry.threads, engine_options=entry.engine_options,
-                      node_id=node_id, gpu_memory_bytes=gpu_memory_bytes)
+                      slots=entry.slots, tenant_reserve_slots=entry.tenant_reserve_slots, ctx=entry.ctx,
+                      threads=entry.threads, engine_options=entry.engine_options, node_id=node_id,
+                      gpu_memory_bytes=gpu_memory_bytes)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

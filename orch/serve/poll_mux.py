@@ -38,7 +38,7 @@ class PollMux:
         self._lost = lost
         self._waiting: list[_Poll] = []
         self._flush_scheduled = False
-        self._rounds: set[asyncio.Task] = set()
+        self._rounds: set[asyncio.Task] = set()  # held so that a running round is not collected
 
     async def poll(self, task_id: str, cursor: int, wait_s: float) -> PollResult:
         loop = asyncio.get_running_loop()
@@ -84,7 +84,3 @@ class PollMux:
                 entry.future.set_result(page)
             else:
                 self._queue(entry, loop)
-
-    def close(self) -> None:
-        for task in self._rounds:
-            task.cancel()
