@@ -9,8 +9,9 @@ it), looks it up by name once before giving up: the replacement answers to the s
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Coroutine, Optional
 
 import ray
 
@@ -37,6 +38,21 @@ def singleton(actor_class: Any, name: str, namespace: str, *args: Any, on_head: 
         options.setdefault("resources", head_node_resource())
     return actor_class.options(name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
                                **options).remote(*args)
+
+
+def detached_task(coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task:
+    """Run ``coroutine`` as a task whose Ray calls are not children of the request being
+    served. Ray cancels a cancelled request's child calls with it (Serve cancels a request
+    when its client goes away), so the clean-up such a request starts (cancelling its task
+    on a pool) must not be one of them. Ray keeps an async actor's current task in a context
+    variable; the new task gets a copy of the context without it (the log context stays)."""
+    context = contextvars.copy_context()
+    current = getattr(ray._raylet, "async_task_id", None)
+    if isinstance(current, contextvars.ContextVar):
+        context.run(current.set, None)
+    else:  # another Ray: an empty context is safe, only the log context is lost
+        context = contextvars.Context()
+    return asyncio.get_running_loop().create_task(coroutine, context=context)
 
 
 def find_actor(name: str, namespace: str):

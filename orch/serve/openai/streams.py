@@ -12,6 +12,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional, Sequence, Union
 
+import ray
+
+from orch.actors import detached_task
 from orch.api.errors import ErrorCode
 from orch.api.events import EventKind, SSEEnd
 from orch.api.openai import (
@@ -39,15 +42,21 @@ def abandon(service: TaskService, task_id: str) -> None:
     """Cancel a task whose client went away, without waiting for it."""
 
     async def cancel() -> None:
-        try:
-            await service.cancel(task_id)
-        except OrchError:
-            pass  # already gone
-        except Exception:
-            log.exception("cancelling abandoned task %s failed", task_id)
+        for attempt in range(2):
+            try:
+                await service.cancel(task_id)
+            except OrchError:
+                pass  # already gone
+            except ray.exceptions.TaskCancelledError:
+                if attempt == 0:  # Ray cancelled the call itself (with the request): once more
+                    continue
+                log.exception("cancelling abandoned task %s failed", task_id)
+            except Exception:
+                log.exception("cancelling abandoned task %s failed", task_id)
+            return
 
     try:
-        task = asyncio.get_running_loop().create_task(cancel())
+        task = detached_task(cancel())  # not a child of the request Serve is cancelling
     except RuntimeError:
         return
     _abandoned.add(task)
