@@ -50,7 +50,7 @@ from orch.pools.finish import Finisher, FinishListener
 from orch.pools.frames import Frames
 from orch.pools.preparation import Preparation
 from orch.pools.swap import RELOAD_IDLE_TIMEOUT_S, ModelSwap, new_engine
-from orch.pools.task_record import TaskRecord
+from orch.pools.task_record import TaskRecord, changed_any
 from orch.pools.watchdog import Watchdog
 from orch.pools.worker import Slots
 
@@ -293,17 +293,7 @@ class PoolManager:
         pages = await self._pages(requests, records)
         if wait_s <= 0 or any(page.events or page.done or page.error for page in pages):
             return pages
-        waiter = asyncio.get_running_loop().create_future()
-        watched = [record for record in records if record is not None]
-        for record in watched:
-            record.watch(waiter)
-        try:
-            await asyncio.wait_for(waiter, wait_s)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            for record in watched:
-                record.unwatch(waiter)
+        await changed_any([record for record in records if record is not None], wait_s)
         await asyncio.sleep(0)  # the same step's other tokens land before the answer leaves
         return await self._pages(requests, records)
 

@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from orch.api.events import TERMINAL_EVENTS, FinishReason, SSEEnd
 from orch.api.pools import TaskContext
@@ -152,15 +152,7 @@ class TaskRecord:
                 waiter.set_result(None)
 
     async def _changed(self, timeout: float) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
+        await changed_any((self,), timeout)
 
     # -- consuming ---------------------------------------------------------------------
     async def poll(self, cursor: int, wait_s: float) -> tuple[list[tuple[int, str, dict]], bool]:
@@ -182,14 +174,6 @@ class TaskRecord:
                 self.handed_out = end
             done = self.terminal and end >= len(self.events)
         return [(cursor + k, kind, data) for k, (kind, data) in enumerate(batch)], done
-
-    def watch(self, waiter: asyncio.Future) -> None:
-        """Resolve ``waiter`` at this record's next event or ack (one waiter may watch many)."""
-        self._waiters.append(waiter)
-
-    def unwatch(self, waiter: asyncio.Future) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
 
     def _wake_now(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -245,3 +229,19 @@ class TaskRecord:
             if kind == "token":
                 return data["i"]
         return self.tokens_out
+
+
+async def changed_any(records: Sequence[TaskRecord], timeout: float) -> None:
+    """Wait up to ``timeout`` for the next event or ack of any of ``records`` (one waiter
+    watches them all: a pool answers several streams' polls with one wait)."""
+    waiter = asyncio.get_running_loop().create_future()
+    for record in records:
+        record._waiters.append(waiter)
+    try:
+        await asyncio.wait_for(waiter, timeout)
+    except asyncio.TimeoutError:
+        pass
+    finally:
+        for record in records:
+            if waiter in record._waiters:
+                record._waiters.remove(waiter)

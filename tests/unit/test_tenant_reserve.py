@@ -13,16 +13,15 @@ from orch.config import PoolConfig
 from orch.config.schema import OrchConfig
 from orch.core.queue import TaskQueue
 from orch.pools.manager import PoolManager
+from tests.unit.test_queue_fair import fill
 
 I, B = Priority.interactive, Priority.batch
 
 
 def test_pop_idle_skips_busy_tenants_and_keeps_each_tenants_order():
     q: TaskQueue[str] = TaskQueue(100)
-    for n in range(3):
-        q.enqueue(f"a{n}", B, "a", tenant="a")
-    q.enqueue("b0", B, "b", tenant="b")
-    q.enqueue("b1", B, "b", tenant="b")
+    fill(q, "a", 3)
+    fill(q, "b", 2)
     assert q.pop_idle({"a", "b"}) is None
     assert q.pop_idle({"a"})[0] == "b0"
     assert q.pop_idle({"a"})[0] == "b1"
@@ -41,10 +40,8 @@ def test_pop_idle_takes_interactive_work_before_batch():
 
 def test_a_reserve_pop_charges_the_tenant_so_its_next_task_waits_its_turn():
     q: TaskQueue[str] = TaskQueue(100)
-    for n in range(4):
-        q.enqueue(f"a{n}", B, "a", tenant="a")
-    q.enqueue("b0", B, "b", tenant="b")
-    q.enqueue("b1", B, "b", tenant="b")
+    fill(q, "a", 4)
+    fill(q, "b", 2)
     assert q.pop_idle({"a"})[0] == "b0"
     # b0 was served out of turn; b1 still carries its own tag (start 1), behind a0 (0) only.
     assert [q.pop()[0] for _ in range(3)] == ["a0", "b1", "a1"]
