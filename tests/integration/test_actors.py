@@ -4,6 +4,7 @@ actor by name once before giving up."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -29,6 +30,21 @@ class Counter:
 
 class Lost(Exception):
     pass
+
+
+def kill_and_wait(handle) -> None:
+    """ray.kill goes through the GCS, not the actor's queue: a call sent right after it can still
+    run on the old actor. Wait, bounded, until the handle answers with RayActorError."""
+    ray.kill(handle)
+    for _ in range(100):
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
 
 
 @pytest.fixture
@@ -64,7 +80,7 @@ def test_client_reconnects_once_to_a_replaced_actor(namespace):
         client = ActorClient(connect, lost=lambda exc: Lost(str(exc)))
         assert await client.call("bump") == 1
         old = client.handle
-        ray.kill(old)
+        kill_and_wait(old)
         # the cached handle is dead: the client connects again (a fresh actor) and retries
         assert await client.call("bump") == 1
         assert len(connects) == 2 and client.handle is not old
@@ -77,7 +93,7 @@ def test_client_without_retry_raises_the_mapped_error_and_forgets_the_handle(nam
         client = ActorClient(lambda: singleton(Counter, "counter", namespace, 0), retry=False,
                              lost=lambda exc: Lost("gone"))
         await client.call("bump")
-        ray.kill(client.handle)
+        kill_and_wait(client.handle)
         with pytest.raises(Lost):
             await client.call("bump")
         assert client.handle is None
@@ -96,7 +112,7 @@ def test_client_gives_up_after_one_reconnect(namespace):
     async def scenario():
         def connect():
             handle = singleton(Counter, "counter", namespace, 0)
-            ray.kill(handle)  # every incarnation is dead on arrival
+            kill_and_wait(handle)  # every incarnation is dead on arrival
             return handle
 
         client = ActorClient(connect)
