@@ -62,9 +62,11 @@ def llama_server_phase(binary: str, slots: int, threads: int, plan: list[Level])
         return {level.name: run_client(f"http://{HOST}:{port}", level) for level in plan}
 
 
-def orch_phase(slots: int, threads: int, plan: list[Level]) -> dict[str, dict[str, Any]]:
+def orch_phase(slots: int, threads: int, plan: list[Level],
+               stream_interval_ms: Optional[int]) -> dict[str, dict[str, Any]]:
     pool = smollm2_pool(slots=slots, threads=threads, ctx=CTX, capacity=256)  # batching: the default
-    with orchestrator([pool], name="bench-vs-llama-server", num_cpus=3, access_log=False) as orch:
+    server = {} if stream_interval_ms is None else {"stream_interval_ms": stream_interval_ms}
+    with orchestrator([pool], name="bench-vs-llama-server", num_cpus=3, access_log=False, **server) as orch:
         return {level.name: run_client(orch.base_url, level) for level in plan}
 
 
@@ -76,6 +78,8 @@ def main() -> int:
                    help="the pool's llama.cpp threads when they differ from llama-server's --threads")
     p.add_argument("--build", action="store_true", help="build llama-server when none is found")
     p.add_argument("--no-peer", action="store_true", help="the orchestrator alone (e.g. another --orch-threads)")
+    p.add_argument("--stream-interval-ms", type=int, default=None,
+                   help="the server's stream_interval_ms (default: the config's default)")
     args = p.parse_args()
     banner("vs llama-server", args.quick)
     why = client_missing()
@@ -91,9 +95,10 @@ def main() -> int:
     slots = min(args.slots, 4) if args.quick else args.slots
     orch_threads = args.orch_threads or args.threads
     peer = llama_server_phase(binary, slots, args.threads, plan) if binary else {}
-    ours = orch_phase(slots, orch_threads, plan)
+    ours = orch_phase(slots, orch_threads, plan, args.stream_interval_ms)
     notes = [f"SmolLM2-135M-Instruct Q4_1 GGUF; llama-server -np {slots} -t {args.threads} -c {slots * CTX}; the "
-             f"orchestrator's pool: {slots} slots, batching, {orch_threads} threads, ctx {CTX}."]
+             f"orchestrator's pool: {slots} slots, batching, {orch_threads} threads, ctx {CTX}"
+             + ("." if args.stream_interval_ms is None else f"; stream_interval_ms {args.stream_interval_ms}.")]
     if args.no_peer:
         notes.append("llama-server: not run (--no-peer).")
     elif binary is None:  # the quick smoke run on a machine without a build: the orchestrator's side alone

@@ -118,6 +118,12 @@ class ServerConfig(Strict):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     #: Seconds the ingress trusts its pool snapshot before refreshing it.
     snapshot_ttl_s: float = Field(default=0.25, gt=0, le=60)
+    #: After a stream's first token, the ingress fetches its tokens at most this often, so
+    #: that several leave in one page and one SSE write: every delivery wakes the pool's loop,
+    #: the ingress, Serve's proxy and the client, and on a small machine that CPU comes out of
+    #: the engine's decode (docs/benchmarks.md, section 8). A first token never waits on it;
+    #: a stream's end waits at most this long. 0: every step's tokens as they come.
+    stream_interval_ms: int = Field(default=100, ge=0, le=1000)
     #: How placement ranks the pools that may take a task: ``prefix`` (expected wait minus the
     #: prefill a pool's cached prefix of the prompt saves), ``least_loaded`` (the same without
     #: the prefix), ``round_robin`` (by id, a baseline). Pins, avoid lists and masks apply to all.

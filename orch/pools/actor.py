@@ -156,8 +156,8 @@ class PoolActor:
                      context: Optional[TaskContext] = None) -> SubmitResult:
         return await self.manager.submit(request, task_id, correlation_id, context)
 
-    async def poll(self, task_id: str, cursor: int, wait_s: float) -> PollResult:
-        return await self.manager.poll(task_id, cursor, wait_s)
+    async def poll(self, task_id: str, cursor: int, wait_s: float, until_done: bool = False) -> PollResult:
+        return await self.manager.poll(task_id, cursor, wait_s, until_done)
 
     async def poll_many(self, requests: list[tuple[str, int]], wait_s: float) -> list[PollResult]:
         return await self.manager.poll_many(requests, wait_s)

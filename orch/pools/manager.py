@@ -278,11 +278,11 @@ class PoolManager:
         ``context``: what the ingress knows of the task's session (see orch/pools/frames.py)."""
         return self.admission.submit(request, task_id, correlation_id, context or TaskContext())
 
-    async def poll(self, task_id: str, cursor: int, wait_s: float) -> PollResult:
+    async def poll(self, task_id: str, cursor: int, wait_s: float, until_done: bool = False) -> PollResult:
         record = self.core.tasks.get(task_id)
         if record is None:
             return results.unknown_task(task_id, self.pool_id)
-        events, done = await record.poll(cursor, wait_s)
+        events, done = await record.poll(cursor, wait_s, until_done)
         return results.page(events, done, first_token_marks(record, events))
 
     async def poll_many(self, requests: Sequence[tuple[str, int]], wait_s: float) -> list[PollResult]:

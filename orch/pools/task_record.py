@@ -155,14 +155,17 @@ class TaskRecord:
         await changed_any((self,), timeout)
 
     # -- consuming ---------------------------------------------------------------------
-    async def poll(self, cursor: int, wait_s: float) -> tuple[list[tuple[int, str, dict]], bool]:
-        """Events from ``cursor`` on, waiting up to ``wait_s`` for the first; acks ``cursor``."""
+    async def poll(self, cursor: int, wait_s: float,
+                   until_done: bool = False) -> tuple[list[tuple[int, str, dict]], bool]:
+        """Events from ``cursor`` on, waiting up to ``wait_s`` for the first (``until_done``:
+        for the end, so that a caller wanting only the whole answer makes one call); acks ``cursor``."""
         cursor = max(0, cursor)
         if cursor > self.acked:
             self.acked = min(cursor, self.handed_out)
             self._wake_now()
         deadline = time.monotonic() + wait_s
-        while len(self.events) <= cursor and not (self.terminal and cursor >= len(self.events)):
+        while ((len(self.events) <= cursor or (until_done and not self.terminal))
+               and not (self.terminal and cursor >= len(self.events))):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

@@ -7,6 +7,11 @@ polls that arrive in one turn of the event loop leave in one ``poll_many`` call 
 the pool answers as soon as any of them has news, with the news of all of them. A stream
 whose page came back empty while others had tokens waits on in the next call (its own wait
 has not run out), so it never sees a keepalive it would not have seen alone.
+
+Rounds leave at most every ``interval_s`` (the server's ``stream_interval_ms``): the polls
+that come back in between wait for the next round, so the pool's steps in between reach the
+ingress in one page and each client in one write. Only streams that already have their
+first token poll here, so no first token waits on the interval.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ class _Poll:
 
 
 class PollMux:
-    def __init__(self, send: Send, lost: Lost) -> None:
+    def __init__(self, send: Send, lost: Lost, interval_s: float = 0.0) -> None:
         self._send = send
         self._lost = lost
+        self._interval_s = interval_s
+        self._next_round_at = 0.0
         self._waiting: list[_Poll] = []
         self._flush_scheduled = False
         self._rounds: set[asyncio.Task] = set()  # held so that a running round is not collected
@@ -50,13 +57,18 @@ class PollMux:
         self._waiting.append(entry)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            delay = self._next_round_at - loop.time()
+            if delay > 0:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         entries = [entry for entry in self._waiting if not entry.future.done()]  # a gone stream is dropped
         self._waiting = []
         if entries:
+            self._next_round_at = asyncio.get_running_loop().time() + self._interval_s
             task = asyncio.ensure_future(self._round(entries))
             self._rounds.add(task)
             task.add_done_callback(self._rounds.discard)

@@ -81,8 +81,12 @@ class PoolNotRunning(OrchError):
 class PoolClient:
     """Handles to the pool actors of one namespace, looked up by name and cached."""
 
-    def __init__(self, namespace: str, handles: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, namespace: str, handles: Optional[dict[str, Any]] = None,
+                 stream_interval_s: float = 0.0) -> None:
+        """``stream_interval_s``: the least time between two rounds of a pool's running
+        streams' polls, so that several tokens go in one page (``stream_interval_ms``)."""
         self.namespace = namespace
+        self.stream_interval_s = stream_interval_s
         self._clients: dict[str, ActorClient] = {}
         self._muxes: dict[str, PollMux] = {}
         for pool_id, handle in (handles or {}).items():
@@ -154,15 +158,17 @@ class PoolClient:
             raise raised(result.error)
         return result.admission
 
-    async def poll(self, pool_id: str, task_id: str, cursor: int, wait_s: float, together: bool = False) -> PollResult:
+    async def poll(self, pool_id: str, task_id: str, cursor: int, wait_s: float, together: bool = False,
+                   until_done: bool = False) -> PollResult:
         """The task's events from ``cursor``; a lost pool ends the stream with WORKER_RESET.
         ``together``: a long poll of a running task, sent with the other running streams' polls
         of the same pool (orch/serve/poll_mux.py). A queued task polls alone: it may wait long,
-        and a round carries every poll it holds each time any of them has news."""
-        if together and wait_s > 0:
+        and a round carries every poll it holds each time any of them has news.
+        ``until_done``: the pool answers at the task's end (or after ``wait_s``), not at each token."""
+        if together and wait_s > 0 and not until_done:
             return await self._mux(pool_id).poll(task_id, cursor, wait_s)
         try:
-            return await self.call(pool_id, "poll", task_id, cursor, wait_s)
+            return await self.call(pool_id, "poll", task_id, cursor, wait_s, until_done)
         except PoolLost:
             return self._lost_page(pool_id, cursor)
 
@@ -175,7 +181,7 @@ class PoolClient:
             def lost(exc: BaseException, cursor: int) -> Optional[PollResult]:
                 return self._lost_page(pool_id, cursor) if isinstance(exc, PoolLost) else None
 
-            mux = self._muxes[pool_id] = PollMux(send, lost)
+            mux = self._muxes[pool_id] = PollMux(send, lost, self.stream_interval_s)
         return mux
 
     @staticmethod

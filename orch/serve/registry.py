@@ -49,7 +49,7 @@ class PoolRegistry:
         process): looking the supervisor up would start a Ray instance."""
         self.config = config
         self.nudge_supervisor = nudge_supervisor
-        self.pools = PoolClient(config.namespace, handles)
+        self.pools = PoolClient(config.namespace, handles, config.server.stream_interval_ms / 1000)
         self.ttl_s = ttl_s
         self._rows: dict[str, PoolView] = {}
         self._views: list[PoolView] = []

@@ -36,8 +36,6 @@ POLL_WAIT_S = 15.0
 #: A stream opened this soon after this replica admitted its task skips the existence check
 #: (one Ray call): the pool has the task, or ended it with an event the stream will carry.
 KNOWN_FRESH_S = 10.0
-#: Events that say a task holds a slot (see TaskStream.running).
-RUNNING_EVENTS = ("started", "token")
 
 AnyTask = Union[TaskRequest, EmbeddingRequest]
 
@@ -267,14 +265,21 @@ class TaskStream:
         self.counters = counters
         self.series = series
         self._relaying_first = False
-        #: The task has started: its polls go with the pool's other running streams.
+        #: The task has sent an output token: its polls go with the pool's other running
+        #: streams, in rounds at most every ``stream_interval_ms`` (so its first token never
+        #: waits on that interval).
         self.running = False
+        #: The consumer wants the whole answer, not its steps (a non-streaming request): each
+        #: poll waits for the task's end, one Ray call per task instead of one per page.
+        self.whole = False
         #: Called once the task is done (the registry stops counting it in its cached row).
         self.on_done: Optional[Callable[[], None]] = None
 
     async def poll(self, wait_s: float) -> PollResult:
-        result = await self.pools.poll(self.pool_id, self.task_id, self.cursor, wait_s, together=self.running)
-        if not self.running and any(event[1] in RUNNING_EVENTS for event in result.events):
+        result = await self.pools.poll(self.pool_id, self.task_id, self.cursor, wait_s, together=self.running,
+                                       until_done=self.whole)
+        if not self.running and any(event[1] == "token" and "prompt_logprobs" not in event[2]
+                                    for event in result.events):
             self.running = True
         trace = self.trace
         if result.marks is not None and trace is not None and trace.pool is None:

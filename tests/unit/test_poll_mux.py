@@ -124,3 +124,57 @@ def test_the_pools_poll_many_answers_when_any_task_has_news_with_every_tasks_new
     assert pages[1].error is not None and pages[1].error.code == "NOT_FOUND"
     kinds = [kind for _, kind, _ in pages[0].events + pages[2].events + tuple(rest)]
     assert kinds.count("token") == 3 and kinds[-1] == "end"
+
+
+def test_rounds_leave_at_most_every_interval_and_the_first_leaves_at_once():
+    async def scenario():
+        pool = FakePool({"a": [token(0), token(1), token(2)]})
+        sent_at: list[float] = []
+
+        async def send(requests, wait_s):
+            sent_at.append(loop.time())
+            return await pool.send(requests, wait_s)
+
+        loop = asyncio.get_running_loop()
+        mux = PollMux(send, no_loss, interval_s=0.1)
+        started = loop.time()
+        for cursor in range(3):
+            await mux.poll("a", cursor, 5.0)
+        return started, sent_at
+
+    started, sent_at = asyncio.run(scenario())
+    assert len(sent_at) == 3
+    assert sent_at[0] - started < 0.05  # nothing before it: no wait
+    assert all(later - earlier >= 0.095 for earlier, later in zip(sent_at, sent_at[1:]))
+
+
+def test_with_an_interval_a_pools_tokens_arrive_several_to_a_page():
+    """Against the real poll_many of a mock pool decoding 200 tokens/s: without an interval
+    each page carries about one token; with 100 ms, most pages carry several."""
+
+    async def pages_per_stream(interval_s: float) -> list[int]:
+        manager = PoolManager(PoolConfig.model_validate(dict(
+            id="m", engine="mock", model="mock-model", num_gpus=0, allow_cpu=True, ctx=512, slots=1,
+            engine_options={"tokens_per_s": 200, "first_token_ms": 0})))
+        await manager.start()
+        try:
+            await manager.submit(TaskRequest.model_validate({"prompt": "tell a story", "max_tokens": 40}), "t1")
+            mux = PollMux(manager.poll_many, no_loss, interval_s=interval_s)
+            sizes, cursor = [], 0
+            for _ in range(400):
+                page = await mux.poll("t1", cursor, 5.0)
+                tokens = sum(1 for _, kind, _ in page.events if kind == "token")
+                if tokens:
+                    sizes.append(tokens)
+                cursor = page.events[-1][0] + 1 if page.events else cursor
+                if page.done:
+                    return sizes
+            raise AssertionError("the task did not end")
+        finally:
+            await manager.stop()
+
+    every_step = asyncio.run(pages_per_stream(0.0))
+    coalesced = asyncio.run(pages_per_stream(0.1))
+    assert sum(every_step) == sum(coalesced) == 40  # nothing lost or repeated
+    assert len(every_step) >= 20
+    assert len(coalesced) <= 15 and max(coalesced) >= 5

@@ -158,5 +158,6 @@ class manager_client:
     def __init__(self, manager: PoolManager) -> None:
         self.manager = manager
 
-    async def poll(self, pool_id: str, task_id: str, cursor: int, wait_s: float, together: bool = False):
-        return await self.manager.poll(task_id, cursor, wait_s)
+    async def poll(self, pool_id: str, task_id: str, cursor: int, wait_s: float, together: bool = False,
+                   until_done: bool = False):
+        return await self.manager.poll(task_id, cursor, wait_s, until_done)

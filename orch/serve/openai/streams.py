@@ -99,6 +99,7 @@ async def collect(service: TaskService, stream: TaskStream) -> Collected:
     texts: list[str] = []
     logprobs: list[dict[str, Any]] = []
     prompt: Optional[list[dict[str, Any]]] = None
+    stream.whole = True
     try:
         async for batch in stream.batches():
             pieces, terminal = split(batch)
