@@ -45,6 +45,13 @@ def client_missing() -> Optional[str]:
     return None
 
 
+def level_seed(level: Level) -> int:
+    """The random dataset's seed for one level. With one seed for every level, each level's
+    first prompts would be the previous level's again, and a server that keeps finished
+    prompts in its slots (llama-server does) would skip their prefill."""
+    return SEED + 1000 * level.concurrency + level.input_len
+
+
 def run_client(base_url: str, level: Level) -> dict[str, Any]:
     """vLLM's benchmark client at one level, as ``vllm bench serve`` would run it."""
     from vllm.benchmarks.serve import add_cli_args, main
@@ -57,7 +64,7 @@ def run_client(base_url: str, level: Level) -> dict[str, Any]:
         "--model", MODEL_NAME, "--tokenizer", str(TOKENIZER_DIR), "--dataset-name", "random",
         "--random-input-len", str(level.input_len), "--random-output-len", str(level.output_len),
         "--num-prompts", str(level.prompts), "--max-concurrency", str(level.concurrency),
-        "--request-rate", "inf", "--temperature", str(TEMPERATURE), "--seed", str(SEED),
+        "--request-rate", "inf", "--temperature", str(TEMPERATURE), "--seed", str(level_seed(level)),
         "--percentile-metrics", "ttft,tpot,itl", "--disable-tqdm", "--ready-check-timeout-sec", "0",
     ])
     result = main(args)
