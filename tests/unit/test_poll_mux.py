@@ -35,6 +35,13 @@ def no_loss(exc, cursor):
     return None
 
 
+def mock_manager(slots: int, tokens_per_s: float) -> PoolManager:
+    """A pool over the mock engine, its first token at once."""
+    return PoolManager(PoolConfig.model_validate(dict(
+        id="m", engine="mock", model="mock-model", num_gpus=0, allow_cpu=True, ctx=512, slots=slots,
+        engine_options={"tokens_per_s": tokens_per_s, "first_token_ms": 0})))
+
+
 def test_polls_of_one_turn_leave_in_one_call_and_an_empty_page_waits_on():
     async def scenario():
         pool = FakePool({"a": [token(0)], "b": [PollResult(), token(3)]})
@@ -96,9 +103,7 @@ def test_a_cancelled_stream_leaves_the_next_round():
 
 def test_the_pools_poll_many_answers_when_any_task_has_news_with_every_tasks_news():
     async def scenario():
-        manager = PoolManager(PoolConfig.model_validate(dict(
-            id="m", engine="mock", model="mock-model", num_gpus=0, allow_cpu=True, ctx=512, slots=2,
-            engine_options={"tokens_per_s": 50, "first_token_ms": 0})))
+        manager = mock_manager(slots=2, tokens_per_s=50)
         await manager.start()
         request = TaskRequest.model_validate({"prompt": "tell a story", "max_tokens": 3})
         await manager.submit(request, "t1")
@@ -153,9 +158,7 @@ def test_with_an_interval_a_pools_tokens_arrive_several_to_a_page():
     each page carries about one token; with 100 ms, most pages carry several."""
 
     async def pages_per_stream(interval_s: float) -> list[int]:
-        manager = PoolManager(PoolConfig.model_validate(dict(
-            id="m", engine="mock", model="mock-model", num_gpus=0, allow_cpu=True, ctx=512, slots=1,
-            engine_options={"tokens_per_s": 200, "first_token_ms": 0})))
+        manager = mock_manager(slots=1, tokens_per_s=200)
         await manager.start()
         try:
             await manager.submit(TaskRequest.model_validate({"prompt": "tell a story", "max_tokens": 40}), "t1")

@@ -10,8 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from orch.api.pools import PollResult
+from orch.api.tasks import TaskRequest
 from orch.config.schema import ServerConfig
 from orch.serve.service import TaskStream
+from tests.unit.test_poll_mux import mock_manager
 
 
 class RecordingPools:
@@ -56,10 +58,6 @@ def test_stream_interval_defaults_to_100_ms_and_is_bounded():
 def test_a_whole_answer_is_one_poll_that_waits_for_the_end():
     """A non-streaming request's stream (``whole``) asks the pool for the task's end: one
     call, answered with every token, against a mock pool decoding 200 tokens/s."""
-    from orch.api.tasks import TaskRequest
-    from orch.config import PoolConfig
-    from orch.pools.manager import PoolManager
-
     class Counting:
         def __init__(self, manager):
             self.manager = manager
@@ -70,9 +68,7 @@ def test_a_whole_answer_is_one_poll_that_waits_for_the_end():
             return await self.manager.poll(task_id, cursor, wait_s, until_done)
 
     async def scenario(whole: bool):
-        manager = PoolManager(PoolConfig.model_validate(dict(
-            id="m", engine="mock", model="mock-model", num_gpus=0, allow_cpu=True, ctx=512, slots=1,
-            engine_options={"tokens_per_s": 200, "first_token_ms": 0})))
+        manager = mock_manager(slots=1, tokens_per_s=200)
         await manager.start()
         try:
             await manager.submit(TaskRequest.model_validate({"prompt": "tell a story", "max_tokens": 20}), "t1")
