@@ -12,7 +12,8 @@ the prompt, so a test decides exactly which task fails and when:
 
 ``fail_load: "<message>"`` makes every load fail, as a broken driver would;
 ``crash_on_load: true`` kills the hosting process during every load; ``load_ms`` makes
-every load take that long (a large model's load, for on-demand loading);
+every load take that long (a large model's load, for on-demand loading) and ``close_ms``
+every close (an engine slow to free its memory, for unloads);
 ``model_bytes`` is the memory the model claims, checked against the host before loading.
 
 Prefill (for prefix-routing benchmarks): ``prefill_ms_per_token`` delays the first token by
@@ -60,8 +61,10 @@ class MockEngine(Engine):
         prefill_ms_per_token: float = 0.0,
         prefix_cache: bool = True,
         load_ms: float = 0.0,
+        close_ms: float = 0.0,
     ) -> None:
         self.load_ms = load_ms
+        self.close_ms = close_ms
         self.prefill_ms_per_token = prefill_ms_per_token
         self.prefix_cache = prefix_cache
         #: Words each cache entry holds, entries in use, and prompt tokens read / reused.
@@ -84,7 +87,7 @@ class MockEngine(Engine):
     @classmethod
     def from_options(cls, options: dict[str, Any], slots: int, ctx: Optional[int]) -> "MockEngine":
         known = {"tokens_per_s", "first_token_ms", "fail_load", "version", "embedding_dim", "crash_on_load",
-                 "model_bytes", "prefill_ms_per_token", "prefix_cache", "load_ms"}
+                 "model_bytes", "prefill_ms_per_token", "prefix_cache", "load_ms", "close_ms"}
         unknown = set(options) - known
         if unknown:
             raise EngineError(f"unknown mock engine options: {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
@@ -195,3 +198,5 @@ class MockEngine(Engine):
 
     def close(self) -> None:
         self._closed.set()
+        if self.close_ms:  # an engine that takes a while to free its memory
+            time.sleep(self.close_ms / 1000)

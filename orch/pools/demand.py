@@ -70,6 +70,8 @@ class ModelManager:
         self.handles: dict[str, Any] = {}
         self.where: dict[str, dict[str, Any]] = {}
         self.errors: dict[str, str] = {}
+        #: Models whose pool is being stopped now: the busy check leaves them to ``unload``.
+        self.unloading: set[str] = set()
         self.metrics: dict[str, Any] = {"loads": {}, "evictions": {},
                                         "load_s": {"buckets": list(LOAD_BUCKETS_S),
                                                    "counts": [0] * (len(LOAD_BUCKETS_S) + 1), "sum": 0.0}}
@@ -209,7 +211,11 @@ class ModelManager:
             task.cancel()
         handle = self.handles.pop(model_id, None)
         if handle is not None:
-            await _stop(handle)
+            self.unloading.add(model_id)
+            try:
+                await _stop(handle)
+            finally:
+                self.unloading.discard(model_id)
         if record.state != UNLOADED:
             if record.state == LOADING:
                 self._load_over(record, "cancelled", f"unloaded while loading ({reason})")
@@ -366,11 +372,11 @@ class ModelManager:
                     await self.unload(model_id, "idle")
 
     async def _refresh_busy(self) -> None:
-        loaded = [r for r in self.records.values() if r.state == LOADED]
+        loaded = [r for r in self.records.values() if r.state == LOADED and r.id not in self.unloading]
         views = await asyncio.gather(*(self._view(r.id, self.handles.get(r.id)) for r in loaded))
         now = time.time()
         for record, view in zip(loaded, views):
-            if view is UNANSWERED:
+            if view is UNANSWERED or record.id in self.unloading:  # an unload (its own reason) is under way
                 continue
             if view is None:
                 if self.handles.get(record.id) is not None or record.state == LOADED:
