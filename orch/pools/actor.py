@@ -33,6 +33,7 @@ from orch.core.prefix import salt_for
 from orch.observability.logs import configure_logging
 from orch.observability.ray_metrics import RayMetricsExporter
 from orch.pools.manager import PoolManager
+from orch.pools.priority import set_niceness
 from orch.sessions.actor import find_sessions_actor
 from orch.tenants.limiter import find_limiter
 
@@ -85,6 +86,18 @@ class PoolActor:
         self.manager.finish_listeners.append(self._charge_session)
         self.manager.finish_listeners.append(self._settle_limits)
         self.manager.finish_listeners.append(self._store_transcript)
+        self._priority_warned = False
+        self._prioritize()
+
+    def _prioritize(self) -> None:
+        """Every thread of this process at the pool's niceness (orch/pools/priority.py);
+        called again once the engine loaded, for the threads it started meanwhile."""
+        if self.config.niceness is None:
+            return
+        refused = set_niceness(self.config.niceness)
+        if refused and not self._priority_warned:
+            self._priority_warned = True
+            log.warning("pool %s: %s", self.config.id, refused, extra={"pool_id": self.config.id})
 
     async def _store_transcript(self, summary: dict[str, Any]) -> None:
         await self._artifacts.call("put", summary["transcript"])
@@ -111,6 +124,7 @@ class PoolActor:
 
     async def start(self, binding: Optional[CatalogBinding] = None) -> PoolView:
         view = await self.manager.start(binding)
+        self._prioritize()
         self._export_to_ray()
         return view
 

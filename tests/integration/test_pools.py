@@ -4,6 +4,8 @@ from any ingress replica."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
 import pytest
 import ray
@@ -92,3 +94,31 @@ def test_any_replica_can_stream_and_cancel(two_pools):
     assert located == "default"
     assert polled.done and polled.events[-1][1] == "end"
     assert missing is None
+
+
+def _may_raise_priority() -> bool:
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is read from /proc")
+def test_the_pool_process_runs_at_its_niceness_not_rays(two_pools):
+    """Ray starts workers at niceness 15; the pool (engine threads included) runs at 0."""
+    if not _may_raise_priority():
+        pytest.skip("this user may not raise a process's priority (the pool logs how to start Ray instead)")
+    client, _ = two_pools
+    response = client.post("/v2/tasks", json={"prompt": "Once upon a time", "max_tokens": 4, "seed": 3})
+    with client.stream("GET", f"/v2/tasks/{response.json()['task_id']}/events") as stream:
+        assert read_sse(stream)[-1][1] == "end"  # llama.cpp's decode threads exist by now
+    pool = ray.get_actor("orch-pool:default", namespace="orch-it-pools")
+    pid = ray.get(pool.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+    niceness = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            niceness[int(tid)] = os.getpriority(os.PRIO_PROCESS, int(tid))
+        except ProcessLookupError:
+            continue
+    assert len(niceness) > 10 and set(niceness.values()) == {0}, niceness
+    ingress_like = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).options(num_cpus=0).remote())
+    assert ingress_like == 15  # what Ray gives every other worker, so the check above is not vacuous
