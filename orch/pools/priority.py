@@ -5,7 +5,7 @@ daemons stay responsive. For a pool that is the wrong place: any ordinary proces
 niceness 0 (a benchmark client, a compiler, a notebook kernel) then takes a core from the
 engine almost entirely, and llama.cpp's threads, which wait for each other at every decode
 step, stall together. On 2 cores with one busy process beside it, a pool at 15 decoded
-about 1 token/s; at 0 it decoded 23-42, as llama.cpp alone does beside the same process.
+about 1 token/s; at 0 it decoded 23-60 (llama.cpp alone beside the same process: 33-44).
 
 Niceness is per thread on Linux and new threads inherit their creator's, so every thread
 the process has is set: those the engine starts later (llama.cpp's and OpenMP's workers,
