@@ -61,9 +61,10 @@ class PoolConfig(Strict):
     #: CPU threads of the engine (llama.cpp, and OpenMP for llama.cpp and vLLM); default: the CPUs
     #: Ray granted the pool actor (its num_cpus), at least 1.
     threads: Optional[int] = Field(default=None, ge=1, le=512)
-    #: CPU priority of the pool's process (its engine's threads); null keeps the niceness
-    #: Ray starts workers at (15), where any ordinary process takes the engine's cores.
-    niceness: Optional[int] = Field(default=0, ge=-20, le=19)
+    #: CPU priority of the pool's process (its engine's threads); null keeps the niceness Ray
+    #: started its workers at (``RAY_worker_niceness``, 15 unless set), which Serve's proxy and
+    #: the ingress share. Set lower only with care: an engine above them takes their CPU.
+    niceness: Optional[int] = Field(default=None, ge=-20, le=19)
     queue: QueueConfig = QueueConfig()
     #: Engine-specific settings (llama.cpp: n_batch, flash_attn...; mock: tokens_per_s,
     #: first_token_ms, fail_load); an engine refuses options it does not know.

@@ -33,7 +33,7 @@ from orch.core.prefix import salt_for
 from orch.observability.logs import configure_logging
 from orch.observability.ray_metrics import RayMetricsExporter
 from orch.pools.manager import PoolManager
-from orch.pools.priority import set_niceness
+from orch.pools.priority import above_normal_niceness, set_niceness
 from orch.sessions.actor import find_sessions_actor
 from orch.tenants.limiter import find_limiter
 
@@ -93,6 +93,9 @@ class PoolActor:
         """Every thread of this process at the pool's niceness (orch/pools/priority.py);
         called again once the engine loaded, for the threads it started meanwhile."""
         if self.config.niceness is None:
+            if not self._priority_warned and (said := above_normal_niceness()):
+                self._priority_warned = True
+                log.info("pool %s: %s", self.config.id, said, extra={"pool_id": self.config.id})
             return
         refused = set_niceness(self.config.niceness)
         if refused and not self._priority_warned:

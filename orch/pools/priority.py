@@ -1,15 +1,21 @@
 """The CPU priority of a pool's process.
 
 Ray starts every worker process at niceness 15 (``RAY_worker_niceness``) so that its own
-daemons stay responsive. For a pool that is the wrong place: any ordinary process at
-niceness 0 (a benchmark client, a compiler, a notebook kernel) then takes a core from the
-engine almost entirely, and llama.cpp's threads, which wait for each other at every decode
-step, stall together. On 2 cores with one busy process beside it, a pool at 15 decoded
-about 1 token/s; at 0 it decoded 23-60 (llama.cpp alone beside the same process: 33-44).
+daemons stay responsive. Pools, the ingress and Serve's proxy all run there, so they share
+the CPU fairly among themselves, but any ordinary process at niceness 0 (a build, a notebook
+kernel, a test runner) takes a core from them almost entirely. llama.cpp's threads, which
+wait for each other at every decode step, then stall together: on 2 cores, one busy loop
+beside ``serve run`` took a stream from ~80 to 1 token/s. With Ray's workers started at 0
+(``RAY_worker_niceness=0``) the same stream ran 34-49 tokens/s beside it.
 
-Niceness is per thread on Linux and new threads inherit their creator's, so every thread
-the process has is set: those the engine starts later (llama.cpp's and OpenMP's workers,
-vLLM's engine process) inherit it. No Ray here.
+Raising only the pool (``niceness: 0`` with the rest at 15) fixed the stream too, but then
+the engine's spinning threads took the CPU of the proxy and ingress: admissions and the
+first events of other streams waited behind decode steps. So pools keep Ray's niceness
+unless told otherwise, and the cluster configs start Ray's workers at 0.
+
+Niceness is per thread on Linux and new threads inherit their creator's, so when a pool does
+set it, every thread the process has is set: those the engine starts later (llama.cpp's and
+OpenMP's workers, vLLM's engine process) inherit it. No Ray here.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import os
 from typing import Optional
 
 TASKS_DIR = "/proc/self/task"
+HINT = ("start Ray with RAY_worker_niceness=0 in its environment (for example "
+        "`RAY_worker_niceness=0 serve run ...`, or before `ray start`) so that every worker runs at 0")
 
 
 def thread_ids() -> list[int]:
@@ -50,6 +58,15 @@ def set_niceness(target: int) -> Optional[str]:
     except OSError:
         now = None
     return (f"the engine runs at niceness {now}, not {target}: this user may not raise a process's priority "
-            f"(needs CAP_SYS_NICE or RLIMIT_NICE). Start Ray with RAY_worker_niceness={target} in its environment "
-            "(for example `RAY_worker_niceness=0 serve run ...` or before `ray start`), or set the pool's "
-            "niceness to null to keep Ray's")
+            f"(needs CAP_SYS_NICE or RLIMIT_NICE); {HINT}, or set the pool's niceness to null to keep Ray's")
+
+
+def above_normal_niceness() -> Optional[str]:
+    """A note when this process runs at a niceness above 0 (Ray's default for workers)."""
+    if not hasattr(os, "getpriority"):
+        return None
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    if now <= 0:
+        return None
+    return (f"runs at niceness {now}, as Ray started it: any busy process at 0 beside it slows the engine "
+            f"sharply; {HINT}")

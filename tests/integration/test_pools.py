@@ -43,6 +43,7 @@ def two_pools(deploy):
     config = home_config()
     broken = dict(config["pools"][0], id="broken", model="file:/nonexistent/model.gguf", model_aliases=[])
     config["pools"].append(broken)
+    config["pools"][0]["niceness"] = 0  # the broken pool keeps Ray's
     config["namespace"] = "orch-it-pools"
     return deploy(config, name="orch-pools", route_prefix="/pools", num_replicas=2), parse_config(config)
 
@@ -104,7 +105,7 @@ def _may_raise_priority() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is read from /proc")
 def test_the_pool_process_runs_at_its_niceness_not_rays(two_pools):
-    """Ray starts workers at niceness 15; the pool (engine threads included) runs at 0."""
+    """Ray starts workers at niceness 15; a pool set to 0 runs there, engine threads included."""
     if not _may_raise_priority():
         pytest.skip("this user may not raise a process's priority (the pool logs how to start Ray instead)")
     client, _ = two_pools
@@ -122,3 +123,5 @@ def test_the_pool_process_runs_at_its_niceness_not_rays(two_pools):
     assert len(niceness) > 10 and set(niceness.values()) == {0}, niceness
     ingress_like = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).options(num_cpus=0).remote())
     assert ingress_like == 15  # what Ray gives every other worker, so the check above is not vacuous
+    unset = ray.get_actor("orch-pool:broken", namespace="orch-it-pools")  # niceness not set: Ray's
+    assert ray.get(unset.__ray_call__.remote(lambda _self: os.getpriority(os.PRIO_PROCESS, 0)), timeout=30) == 15

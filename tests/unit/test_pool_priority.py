@@ -57,3 +57,11 @@ def test_nothing_to_change_is_quiet(monkeypatch):
     monkeypatch.setattr(priority.os, "setpriority", lambda *args: pytest.fail("nothing needed changing"))
     monkeypatch.setattr(priority.os, "getpriority", lambda which, who: 0)
     assert priority.set_niceness(0) is None
+
+
+def test_a_pool_left_at_rays_niceness_is_told_how_to_start_ray(monkeypatch):
+    monkeypatch.setattr(priority.os, "getpriority", lambda which, who: 15)
+    said = priority.above_normal_niceness()
+    assert said is not None and "niceness 15" in said and "RAY_worker_niceness=0" in said
+    monkeypatch.setattr(priority.os, "getpriority", lambda which, who: 0)
+    assert priority.above_normal_niceness() is None
