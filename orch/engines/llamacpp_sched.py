@@ -10,9 +10,11 @@ KV cache: ``slots x ctx`` cells for ``slots`` sequence ids, each holding at most
 positions, so the cache cannot fill unless the operator sized it smaller (``kv_size``). By
 default each sequence id has its own ``ctx`` cells (llama.cpp's non-unified cache): a
 sequence's attention then reads only its own cells, in the same order whatever else runs,
-which keeps its text the same in a batch as alone. A finished sequence's cells stay as a
-prefix cache: the next sequence takes the free id whose cached tokens match its prompt
-longest and removes only the rest (``llama_memory_seq_rm``). With ``kv_unified: true`` all
+which keeps its text the same in a batch as alone. llama.cpp then computes one graph per run
+of consecutive ids in the batch, so the batch goes in id order and a new sequence takes an id
+next to the running ones. A finished sequence's cells stay as a prefix cache: the next
+sequence takes the free id whose cached tokens match its prompt longest (when that is worth
+an id out of the run) and removes only the rest (``llama_memory_seq_rm``). With ``kv_unified: true`` all
 ids share one pool of cells, and a prompt that matches a running sequence's cells longer
 shares them (``llama_memory_seq_cp``, no copy); numerics then depend on the neighbours.
 
@@ -39,6 +41,10 @@ from orch.engines.llamacpp_params import compile_grammar
 from orch.engines.llamacpp_seq import End, Sequence, TextStream, sampler_chain
 
 log = logging.getLogger("orch.engine")
+
+#: Cached prompt tokens below which a match does not choose the sequence id: reading that
+#: few again costs less than one more graph per step for a sequence id out of its run.
+MIN_PREFIX_REUSE = 8
 
 
 class Scheduler:
@@ -230,13 +236,21 @@ class Scheduler:
                 count += 1
             return count
 
+        running_ids = {s.seq_id for s in self._active}
+
+        def neighbours(seq_id: int) -> int:  # running ids next to it: a run of ids it extends or joins
+            return (seq_id - 1 in running_ids) + (seq_id + 1 in running_ids)
+
         if not reuse:
-            seq_id = min(self._free, key=lambda s: len(self._cached[s]))
+            seq_id = min(self._free, key=lambda s: (-neighbours(s), len(self._cached[s]), s))
             self._free.remove(seq_id)
             self._forget(seq_id)
             return seq_id, 0
         matches = {s: common(s) for s in self._free}
-        seq_id = max(self._free, key=lambda s: (matches[s], -len(self._cached[s])))
+        # A long cached prefix wins; otherwise the id that keeps the running ids in one run
+        # (see _by_seq_id), then the one whose cells are worth least.
+        seq_id = max(self._free, key=lambda s: (matches[s] if matches[s] >= MIN_PREFIX_REUSE else 0,
+                                                neighbours(s), -len(self._cached[s]), -s))
         self._free.remove(seq_id)
         kept = matches[seq_id]
         running = [s.seq_id for s in self._active]
@@ -279,6 +293,14 @@ class Scheduler:
         return self._eog
 
     # -- one step ------------------------------------------------------------------------------
+    @property
+    def _by_seq_id(self) -> list[Sequence]:
+        """The running sequences in id order. Without a unified cache each id has its own
+        stream of cells, and llama.cpp splits a batch into one graph per run of consecutive
+        ids in batch order (``split_equal``, sequential); in arrival order, 8 sequences
+        whose ids came back shuffled took up to 8 graphs a step, each reading every weight."""
+        return sorted(self._active, key=lambda seq: seq.seq_id)
+
     def _step(self) -> None:
         batch, n = self._batch, 0
         samples: list[tuple[Sequence, int]] = []
@@ -296,18 +318,25 @@ class Scheduler:
                 prompt_rows.append((seq, n, pos))
             n += 1
 
+        # Every running sequence's next token first; prompts fill the rest of the chunk in
+        # arrival order. The batch itself goes in sequence-id order (see _by_seq_id).
+        budget = self.chunk - sum(1 for seq in self._active if not seq.prefilling)
+        parts: dict[int, list[int]] = {}
         for seq in self._active:
+            if not seq.prefilling or budget <= 0 or self._prefill_blocked:
+                continue
+            parts[seq.seq_id] = part = seq.tokens[seq.n_past:seq.n_past + budget]
+            budget -= len(part)
+        for seq in self._by_seq_id:
             if not seq.prefilling:
                 add(seq.next_token, seq, seq.n_past, True)
                 fed.append((seq, [seq.next_token]))
-        for seq in self._active:
-            if not seq.prefilling or n >= self.chunk or self._prefill_blocked:
-                continue
-            part = seq.tokens[seq.n_past:seq.n_past + self.chunk - n]
-            last, every = len(seq.tokens) - 1, seq.wants_prompt_logprobs
-            for offset, token in enumerate(part):
-                add(token, seq, seq.n_past + offset, seq.n_past + offset == last, every)
-            fed.append((seq, part))
+            elif seq.seq_id in parts:
+                part = parts[seq.seq_id]
+                last, every = len(seq.tokens) - 1, seq.wants_prompt_logprobs
+                for offset, token in enumerate(part):
+                    add(token, seq, seq.n_past + offset, seq.n_past + offset == last, every)
+                fed.append((seq, part))
         if n == 0:  # only prompts, blocked: a step without them frees nothing
             self._prefill_blocked = False
             return

@@ -230,6 +230,57 @@ async def _join_while_streaming(engine, long_prompt: str, chunk_s: float) -> Non
         assert max(gaps) < 4 * chunk_s + 0.5, (max(gaps), chunk_s)
 
 
+class DecodeRecorder:
+    """The llama_cpp module as the scheduler sees it, noting each batch's sequence ids."""
+
+    def __init__(self, llama_cpp) -> None:
+        self._llama_cpp = llama_cpp
+        self.batches: list[list[int]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self._llama_cpp, name)
+
+    def llama_decode(self, ctx, batch):
+        self.batches.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return self._llama_cpp.llama_decode(ctx, batch)
+
+
+def test_a_batch_goes_in_sequence_id_order_and_running_ids_stay_one_run():
+    """llama.cpp decodes a batch as one graph per run of consecutive sequence ids in batch
+    order (each sequence id has its own cells), so the batch is built in id order whatever
+    order the sequences arrived in, and a new sequence takes an id next to the running ones
+    (a sequence that ends between two others still leaves a gap until one joins there)."""
+    engine = load(slots=4)
+    recorder = engine._scheduler._ll = DecodeRecorder(engine._scheduler._ll)
+    try:
+        def wave(max_tokens: list[int], words: str) -> None:
+            requests = [(f"{words} {n}: {PROMPTS[n]}", {"temperature": 0.0, "max_tokens": m, "ignore_eos": True})
+                        for n, m in enumerate(max_tokens)]
+            assert all(isinstance(r, tuple) for r in asyncio.run(together(engine, requests)))
+
+        wave([12, 4, 8, 2], "First")  # ids end in the order 3, 1, 2, 0 and keep unequal caches
+        wave([10, 10, 10, 10], "Second")  # the fewest cached first: they start at 3, then 1 or 2, ...
+
+        async def staggered():  # one long stream; short ones come and go beside it
+            long = asyncio.ensure_future(engine.generate_async(
+                0, "Third: tell me a story", Params(max_tokens=40, seed=1, ignore_eos=True), lambda item: True))
+            for n in range(3):
+                await engine.generate_async(n + 1, f"Fourth {n}: {PROMPTS[n]}", Params(max_tokens=3, seed=n),
+                                            lambda item: True)
+            await asyncio.wait_for(long, 120)
+
+        waves = len(recorder.batches)
+        asyncio.run(staggered())
+        assert waves > 20 and len(recorder.batches) > waves + 30
+        for ids in recorder.batches:
+            assert ids == sorted(ids), ids
+        for ids in recorder.batches[waves:]:  # two at a time at most: always neighbours
+            distinct = sorted(set(ids))
+            assert distinct == list(range(distinct[0], distinct[0] + len(distinct))), ids
+    finally:
+        engine.close()
+
+
 def test_a_full_kv_cache_gives_a_typed_retriable_error_never_a_crash():
     """A unified cache sized below slots x ctx (kv_size) can fill: the longest sequence is
     refused with ADMISSION_REJECT, the others finish, and the engine keeps serving."""
