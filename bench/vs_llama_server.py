@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (HOST, banner, free_port, log, orchestrator, parser, smollm2_path, smollm2_pool,  # noqa: E402
                     subprocess_server)
-from vs_server import MODEL_NAME, Level, client_missing, compare, report, run_client  # noqa: E402
+from vs_server import (MODEL_NAME, Level, add_sampling_args, client_missing, compare, report,  # noqa: E402
+                       run_client, sampling_note, sampling_of)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
@@ -54,20 +55,21 @@ def find_llama_server(build: bool) -> Optional[str]:
     return done.stdout.strip().splitlines()[-1]
 
 
-def llama_server_phase(binary: str, slots: int, threads: int, plan: list[Level]) -> dict[str, dict[str, Any]]:
+def llama_server_phase(binary: str, slots: int, threads: int, plan: list[Level],
+                       sampling: dict[str, Any]) -> dict[str, dict[str, Any]]:
     port = free_port()
     args = [binary, "-m", smollm2_path(), "--host", HOST, "--port", str(port), "-np", str(slots),
             "-t", str(threads), "-c", str(slots * CTX), "-a", MODEL_NAME]
     with subprocess_server(args, ready_url=f"http://{HOST}:{port}/health", timeout_s=120):
-        return {level.name: run_client(f"http://{HOST}:{port}", level) for level in plan}
+        return {level.name: run_client(f"http://{HOST}:{port}", level, sampling) for level in plan}
 
 
-def orch_phase(slots: int, threads: int, plan: list[Level],
-               stream_interval_ms: Optional[int]) -> dict[str, dict[str, Any]]:
+def orch_phase(slots: int, threads: int, plan: list[Level], stream_interval_ms: Optional[int],
+               sampling: dict[str, Any]) -> dict[str, dict[str, Any]]:
     pool = smollm2_pool(slots=slots, threads=threads, ctx=CTX, capacity=256)  # batching: the default
     server = {} if stream_interval_ms is None else {"stream_interval_ms": stream_interval_ms}
     with orchestrator([pool], name="bench-vs-llama-server", num_cpus=3, access_log=False, **server) as orch:
-        return {level.name: run_client(orch.base_url, level) for level in plan}
+        return {level.name: run_client(orch.base_url, level, sampling) for level in plan}
 
 
 def main() -> int:
@@ -80,6 +82,7 @@ def main() -> int:
     p.add_argument("--no-peer", action="store_true", help="the orchestrator alone (e.g. another --orch-threads)")
     p.add_argument("--stream-interval-ms", type=int, default=None,
                    help="the server's stream_interval_ms (default: the config's default)")
+    add_sampling_args(p)
     args = p.parse_args()
     banner("vs llama-server", args.quick)
     why = client_missing()
@@ -94,17 +97,20 @@ def main() -> int:
     plan = levels(args.quick)
     slots = min(args.slots, 4) if args.quick else args.slots
     orch_threads = args.orch_threads or args.threads
-    peer = llama_server_phase(binary, slots, args.threads, plan) if binary else {}
-    ours = orch_phase(slots, orch_threads, plan, args.stream_interval_ms)
+    sampling = sampling_of(args)
+    peer = llama_server_phase(binary, slots, args.threads, plan, sampling) if binary else {}
+    ours = orch_phase(slots, orch_threads, plan, args.stream_interval_ms, sampling)
     notes = [f"SmolLM2-135M-Instruct Q4_1 GGUF; llama-server -np {slots} -t {args.threads} -c {slots * CTX}; the "
              f"orchestrator's pool: {slots} slots, batching, {orch_threads} threads, ctx {CTX}"
-             + ("." if args.stream_interval_ms is None else f"; stream_interval_ms {args.stream_interval_ms}.")]
+             + ("." if args.stream_interval_ms is None else f"; stream_interval_ms {args.stream_interval_ms}."),
+             sampling_note(sampling)]
     if args.no_peer:
         notes.append("llama-server: not run (--no-peer).")
     elif binary is None:  # the quick smoke run on a machine without a build: the orchestrator's side alone
         notes.append(f"llama-server: not built here ({BUILD_SCRIPT.relative_to(ROOT)} builds it), so no ratios.")
     return report("Orchestrator vs llama-server", LLAMA_SERVER, compare(plan, LLAMA_SERVER, peer, ours), notes,
-                  args.json, {"slots": slots, "threads": args.threads, "orch_threads": orch_threads})
+                  args.json, {"slots": slots, "threads": args.threads, "orch_threads": orch_threads,
+                                    "sampling": sampling or "server defaults"})
 
 
 if __name__ == "__main__":

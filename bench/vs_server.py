@@ -52,8 +52,34 @@ def level_seed(level: Level) -> int:
     return SEED + 1000 * level.concurrency + level.input_len
 
 
-def run_client(base_url: str, level: Level) -> dict[str, Any]:
-    """vLLM's benchmark client at one level, as ``vllm bench serve`` would run it."""
+#: What both servers are asked for besides the temperature, unless --server-defaults: the
+#: orchestrator's own defaults (top_k 40, top_p 0.95), so that both sample alike. Each server
+#: fills omitted fields with its own defaults, and they differ: vLLM's server samples from the
+#: whole vocabulary, which on CPU skips the full-vocabulary sort that top_p costs it.
+SAMPLING = {"top_k": 40, "top_p": 0.95}
+
+
+def add_sampling_args(p: Any) -> None:
+    p.add_argument("--top-k", type=int, default=SAMPLING["top_k"], help="top_k sent to both servers")
+    p.add_argument("--top-p", type=float, default=SAMPLING["top_p"], help="top_p sent to both servers")
+    p.add_argument("--server-defaults", action="store_true",
+                   help="send neither top_k nor top_p: each server applies its own defaults")
+
+
+def sampling_of(args: Any) -> dict[str, Any]:
+    return {} if args.server_defaults else {"top_k": args.top_k, "top_p": args.top_p}
+
+
+def sampling_note(sampling: dict[str, Any]) -> str:
+    if not sampling:
+        return ("sampling: temperature only; each server applies its own defaults to the rest (the orchestrator: "
+                "top_k 40, top_p 0.95).")
+    return f"sampling sent to both servers: top_k {sampling['top_k']}, top_p {sampling['top_p']}."
+
+
+def run_client(base_url: str, level: Level, sampling: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """vLLM's benchmark client at one level, as ``vllm bench serve`` would run it;
+    ``sampling``: top_k and top_p to send (none: the server's defaults)."""
     from vllm.benchmarks.serve import add_cli_args, main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -66,6 +92,7 @@ def run_client(base_url: str, level: Level) -> dict[str, Any]:
         "--num-prompts", str(level.prompts), "--max-concurrency", str(level.concurrency),
         "--request-rate", "inf", "--temperature", str(TEMPERATURE), "--seed", str(level_seed(level)),
         "--percentile-metrics", "ttft,tpot,itl", "--disable-tqdm", "--ready-check-timeout-sec", "0",
+        *[arg for name, value in (sampling or {}).items() for arg in (f"--{name.replace('_', '-')}", str(value))],
     ])
     result = main(args)
     completed = int(result.get("completed", 0))
