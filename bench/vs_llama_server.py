@@ -110,7 +110,7 @@ def main() -> int:
         notes.append(f"llama-server: not built here ({BUILD_SCRIPT.relative_to(ROOT)} builds it), so no ratios.")
     return report("Orchestrator vs llama-server", LLAMA_SERVER, compare(plan, LLAMA_SERVER, peer, ours), notes,
                   args.json, {"slots": slots, "threads": args.threads, "orch_threads": orch_threads,
-                                    "sampling": sampling or "server defaults"})
+                              "sampling": sampling or "server defaults"})
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def level_seed(level: Level) -> int:
 #: What both servers are asked for besides the temperature, unless --server-defaults: the
 #: orchestrator's own defaults (top_k 40, top_p 0.95), so that both sample alike. Each server
 #: fills omitted fields with its own defaults, and they differ: vLLM's server samples from the
-#: whole vocabulary, which on CPU skips the full-vocabulary sort that top_p costs it.
+#: whole vocabulary and so, on CPU, does not pay the full-vocabulary sort a top_p costs vLLM.
 SAMPLING = {"top_k": 40, "top_p": 0.95}
 
 
