@@ -259,7 +259,7 @@ def test_a_batch_goes_in_sequence_id_order_and_running_ids_stay_one_run():
             assert all(isinstance(r, tuple) for r in asyncio.run(together(engine, requests)))
 
         wave([12, 4, 8, 2], "First")  # ids end in the order 3, 1, 2, 0 and keep unequal caches
-        wave([10, 10, 10, 10], "Second")  # the fewest cached first: they start at 3, then 1 or 2, ...
+        wave([10, 10, 10, 10], "Second")  # arriving in order, they take ids 3 (fewest cached), 2, 1, 0
 
         async def staggered():  # one long stream; short ones come and go beside it
             long = asyncio.ensure_future(engine.generate_async(
