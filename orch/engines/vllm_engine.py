@@ -37,7 +37,7 @@ from orch.api.errors import ErrorCode
 from orch.api.events import FinishReason
 from orch.engines import vllm_cache
 from orch.engines.base import Emit, Engine, EngineError, GenerationParams
-from orch.engines.vllm_params import SEED_MODULUS, output_pieces, sampling_params
+from orch.engines.vllm_params import SEED_MODULUS, TOP_P_PROCESSOR, output_pieces, sampling_params
 
 __all__ = ["SEED_MODULUS", "VllmEngine", "placement_bundles"]
 
@@ -157,6 +157,8 @@ class VllmEngine(Engine):
         if int(options.get("tensor_parallel_size", 1)) > 1:
             options.setdefault("distributed_executor_backend", "ray")
         options.setdefault("disable_log_stats", True)
+        if options.get("runner") != "pooling":  # a pooling model samples nothing and takes no processors
+            options["logits_processors"] = [*(options.get("logits_processors") or []), TOP_P_PROCESSOR]
         self._events_endpoint = vllm_cache.configure(options)
         try:
             return AsyncEngineArgs(model=str(self.model_dir), max_num_seqs=self.slots, **options)

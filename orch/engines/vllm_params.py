@@ -12,6 +12,11 @@ from typing import Any, Optional, Sequence
 from orch.api.errors import ErrorCode
 from orch.engines.base import EngineError, GenerationParams, Piece, TokenLogprob
 
+#: The processor that applies top_p to the top_k survivors, and the extra_args key it reads
+#: (orch/engines/vllm_topp.py; named here so that only vLLM's engine process imports it).
+TOP_P_PROCESSOR = "orch.engines.vllm_topp:TopPAmongTopK"
+TOP_P_ARG = "orch_top_p"
+
 #: vLLM seeds a torch generator per request, which takes a signed 64-bit seed; request
 #: seeds are already in [0, 2**63), and anything wider is folded by modulo.
 SEED_MODULUS = 2**63
@@ -39,6 +44,12 @@ def sampling_params(params: GenerationParams, end_tokens: Sequence[int] = ()):
         optional["logit_bias"] = bias
     if params.min_tokens:
         optional["min_tokens"] = params.min_tokens
+    top_p = params.top_p
+    if params.top_k and params.top_k > 0 and top_p is not None and top_p < 1.0:
+        # Applied to the top_k survivors by orch/engines/vllm_topp.py, not by vLLM's
+        # full-vocabulary sort.
+        optional["extra_args"] = {TOP_P_ARG: top_p}
+        top_p = 1.0
     if params.json_schema is not None:
         optional["structured_outputs"] = StructuredOutputsParams(json=json.loads(params.json_schema))
     elif params.grammar is not None:
@@ -46,7 +57,7 @@ def sampling_params(params: GenerationParams, end_tokens: Sequence[int] = ()):
     return SamplingParams(
         max_tokens=max(1, params.max_tokens),
         temperature=params.temperature,
-        top_p=params.top_p,
+        top_p=top_p,
         top_k=params.top_k,
         seed=params.seed % SEED_MODULUS,
         stop=list(params.stop) or None,

@@ -43,6 +43,7 @@ if not (MODEL_DIR / "config.json").is_file():
 
 from orch.engines.base import EngineError, GenerationParams  # noqa: E402
 from orch.engines.vllm_engine import SEED_MODULUS, VllmEngine, placement_bundles  # noqa: E402
+from orch.engines.vllm_params import TOP_P_ARG, TOP_P_PROCESSOR  # noqa: E402
 
 
 def _installed(distribution: str) -> bool:
@@ -354,6 +355,8 @@ def test_engine_args_carry_pool_and_options():
     assert (args.model, args.max_num_seqs, args.max_model_len) == (str(MODEL_DIR), 3, 512)
     assert args.enforce_eager is True and args.dtype == "bfloat16"
     assert args.distributed_executor_backend is None
+    assert args.logits_processors == [TOP_P_PROCESSOR]
+    assert not engine(runner="pooling", convert="embed").engine_args().logits_processors
     tp = engine(tensor_parallel_size=2).engine_args()
     assert tp.tensor_parallel_size == 2 and tp.distributed_executor_backend == "ray"
 
@@ -366,7 +369,11 @@ def test_tensor_parallel_pools_need_a_placement_group():
 def test_sampling_params_map_the_request():
     params = GenerationParams(max_tokens=7, seed=2**63 - 1, temperature=0.5, top_p=0.9, top_k=20, stop=("\n",))
     sampling = engine().sampling_params(params)
-    assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (7, 0.5, 0.9, 20)
+    # top_p rides to the processor that applies it to the top_k survivors; vLLM sorts nothing
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (7, 0.5, 1.0, 20)
+    assert sampling.extra_args == {TOP_P_ARG: 0.9}
+    without_top_k = engine().sampling_params(GenerationParams(max_tokens=7, seed=1, top_p=0.9, top_k=0))
+    assert (without_top_k.top_p, without_top_k.extra_args) == (0.9, None)  # no survivors to restrict it to
     assert sampling.seed == (2**63 - 1) % SEED_MODULUS and sampling.stop == ["\n"]
     assert engine().sampling_params(GenerationParams(max_tokens=1, seed=SEED_MODULUS + 5)).seed == 5
 
@@ -389,6 +396,44 @@ def test_sampling_params_carry_penalties_bias_logprobs_and_structure():
     assert sampling.structured_outputs.json == {"type": "object"}
     grammar = engine().sampling_params(GenerationParams(max_tokens=4, seed=1, grammar='root ::= "a"', min_tokens=2))
     assert grammar.structured_outputs.grammar == 'root ::= "a"' and grammar.min_tokens == 2
+
+
+def test_top_p_among_the_top_k_survivors_masks_as_vllms_own_sort_does():
+    """The processor's mask equals vLLM's ``apply_top_k_top_p`` (which sorts the whole
+    vocabulary) row by row, leaves rows without a top_p alone, and follows the batch's rows
+    as vLLM adds, moves, swaps and removes requests."""
+    import torch
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+    from vllm.v1.sample.logits_processor.interface import MoveDirectionality
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
+
+    from orch.engines.vllm_topp import TopPAmongTopK
+
+    def request(top_k: int, top_p: float = 1.0) -> SamplingParams:
+        return SamplingParams(top_k=top_k, extra_args={TOP_P_ARG: top_p} if top_p < 1.0 else None)
+
+    wanted = {0: (40, 0.95), 1: (0, 1.0), 2: (5, 0.5), 3: (40, 0.2), 4: (1000, 0.9)}
+    processor = TopPAmongTopK(None, torch.device("cpu"), False)
+    processor.update_state(BatchUpdate(batch_size=5, removed=[], moved=[], added=[
+        (row, request(*wanted[row]), None, []) for row in wanted]))
+    generator = torch.Generator().manual_seed(0)
+    for scale in (1.0, 4.0, 0.25):  # flat, peaked and very flat rows
+        logits = torch.randn(5, 49152, generator=generator) * scale
+        ours = processor.apply(logits.clone())
+        assert torch.equal(ours[1], logits[1])  # no top_p: untouched
+        for row in (0, 2, 3, 4):
+            k, p = wanted[row]
+            theirs = apply_top_k_top_p_pytorch(logits[row:row + 1].clone(), torch.tensor([k]), torch.tensor([p]))
+            assert torch.equal(torch.isinf(ours[row]), torch.isinf(theirs[0])), (row, scale)
+            assert 1 <= int((~torch.isinf(ours[row])).sum()) <= k
+
+    # rows follow the batch: 0 leaves, 4 moves to 0, 2 and 3 swap
+    processor.update_state(BatchUpdate(batch_size=4, removed=[0], added=[], moved=[
+        (4, 0, MoveDirectionality.UNIDIRECTIONAL), (2, 3, MoveDirectionality.SWAP)]))
+    assert processor.rows == {0: (1000, 0.9), 2: (40, 0.2), 3: (5, 0.5)}
+    processor.update_state(BatchUpdate(batch_size=4, removed=[], moved=[], added=[(3, request(0), None, [])]))
+    assert processor.rows == {0: (1000, 0.9), 2: (40, 0.2)}
 
 
 def test_a_missing_checkpoint_fails_the_load_clearly(tmp_path: Path):
