@@ -73,7 +73,7 @@ def sampling_of(args: Any) -> dict[str, Any]:
 def sampling_note(sampling: dict[str, Any]) -> str:
     if not sampling:
         return ("sampling: temperature only; each server applies its own defaults to the rest (the orchestrator: "
-                "top_k 40, top_p 0.95).")
+                f"top_k {SAMPLING['top_k']}, top_p {SAMPLING['top_p']}).")
     return f"sampling sent to both servers: top_k {sampling['top_k']}, top_p {sampling['top_p']}."
 
 

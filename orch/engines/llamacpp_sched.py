@@ -236,7 +236,8 @@ class Scheduler:
                 count += 1
             return count
 
-        running_ids = {s.seq_id for s in self._active}
+        running = [s.seq_id for s in self._active]
+        running_ids = set(running)
 
         def neighbours(seq_id: int) -> int:  # running ids next to it: a run of ids it extends or joins
             return (seq_id - 1 in running_ids) + (seq_id + 1 in running_ids)
@@ -253,7 +254,6 @@ class Scheduler:
                                                 neighbours(s), -len(self._cached[s]), -s))
         self._free.remove(seq_id)
         kept = matches[seq_id]
-        running = [s.seq_id for s in self._active]
         source = max(running, key=common, default=None) if self.unified else None
         if source is not None and common(source) > kept:
             kept = common(source)
