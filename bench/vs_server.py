@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from common import fmt, fmt_ratio, print_table, ratio, write_json
 
+from orch.api.tasks import TaskRequest
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_DIR = ROOT / ".runtime" / "models" / "smollm2-135m-hf"
 ORCH = "orchestrator"
@@ -53,10 +55,11 @@ def level_seed(level: Level) -> int:
 
 
 #: What both servers are asked for besides the temperature, unless --server-defaults: the
-#: orchestrator's own defaults (top_k 40, top_p 0.95), so that both sample alike. Each server
-#: fills omitted fields with its own defaults, and they differ: vLLM's server samples from the
-#: whole vocabulary and so, on CPU, does not pay the full-vocabulary sort a top_p costs vLLM.
-SAMPLING = {"top_k": 40, "top_p": 0.95}
+#: orchestrator's own defaults (TaskRequest's top_k and top_p, which the OpenAI routes fill in
+#: too), so that both sample alike. Each server fills omitted fields with its own defaults,
+#: and they differ: vLLM's server samples from the whole vocabulary and so, on CPU, does not
+#: pay the full-vocabulary sort a top_p costs vLLM.
+SAMPLING = {name: TaskRequest.model_fields[name].default for name in ("top_k", "top_p")}
 
 
 def add_sampling_args(p: Any) -> None:
