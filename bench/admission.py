@@ -132,8 +132,13 @@ def main() -> int:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--direct-ingress", action="store_true",
                    help="Serve's experimental direct ingress (replica serves HTTP, no proxy)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for Ray/Serve (repeatable), e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
     args = p.parse_args()
-    banner("admission" + (" (direct ingress)" if args.direct_ingress else ""), args.quick)
+    env = dict(item.split("=", 1) for item in args.serve_env)
+    path_name = "direct ingress" if args.direct_ingress else (
+        "Serve env " + " ".join(args.serve_env) if env else "through the Serve proxy")
+    banner("admission" + (f" ({path_name})" if args.direct_ingress or env else ""), args.quick)
     concurrency = args.concurrency or (16 if args.quick else 32)
     seconds = args.seconds or (1.5 if args.quick else 8.0)
     max_requests = 200_000
@@ -148,7 +153,7 @@ def main() -> int:
     results: dict[str, Any] = {}
     log("in process: the ingress app's own code, one request at a time")
     results.update(asyncio.run(in_process(seconds)))
-    with orchestrator(pools, name="bench-admission", num_cpus=3, direct_ingress=args.direct_ingress,
+    with orchestrator(pools, name="bench-admission", num_cpus=3, direct_ingress=args.direct_ingress, ray_env=env,
                       extra_apps=[("/noop-app", serve_app())]) as orch:
         noop_port = orch.port
         if args.direct_ingress:
@@ -181,7 +186,7 @@ def main() -> int:
              fmt_ratio(ratio(r["rate"], 2000)), f"{r['client_cores']:.2f}"] for label, r in results.items()]
     print_table(
         f"Admission rate ({concurrency} keep-alive connections, one ingress replica"
-        + (", direct ingress" if args.direct_ingress else ", through the Serve proxy") + ")",
+        + f", {path_name})",
         ["case", "requests", "answers", "answers/s", "p50 ms", "p99 ms", "vs no-op POST", "vs target 2,000/s",
          "client cores"],
         rows,

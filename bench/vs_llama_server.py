@@ -65,8 +65,9 @@ def llama_server_phase(binary: str, slots: int, threads: int, plan: list[Level],
 
 
 def orch_phase(slots: int, threads: int, plan: list[Level], stream_interval_ms: Optional[int],
-               sampling: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    pool = smollm2_pool(slots=slots, threads=threads, ctx=CTX, capacity=256)  # batching: the default
+               sampling: dict[str, Any], prefill_chunk: Optional[int] = None) -> dict[str, dict[str, Any]]:
+    options = {} if prefill_chunk is None else {"engine_options": {"prefill_chunk": prefill_chunk}}
+    pool = smollm2_pool(slots=slots, threads=threads, ctx=CTX, capacity=256, **options)  # batching: the default
     server = {} if stream_interval_ms is None else {"stream_interval_ms": stream_interval_ms}
     with orchestrator([pool], name="bench-vs-llama-server", num_cpus=3, access_log=False, **server) as orch:
         return {level.name: run_client(orch.base_url, level, sampling) for level in plan}
@@ -82,6 +83,8 @@ def main() -> int:
     p.add_argument("--no-peer", action="store_true", help="the orchestrator alone (e.g. another --orch-threads)")
     p.add_argument("--stream-interval-ms", type=int, default=None,
                    help="the server's stream_interval_ms (default: the config's default)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="the pool's prefill_chunk: prompt tokens read per step (default: the engine's)")
     add_sampling_args(p)
     args = p.parse_args()
     banner("vs llama-server", args.quick)
@@ -99,9 +102,10 @@ def main() -> int:
     orch_threads = args.orch_threads or args.threads
     sampling = sampling_of(args)
     peer = llama_server_phase(binary, slots, args.threads, plan, sampling) if binary else {}
-    ours = orch_phase(slots, orch_threads, plan, args.stream_interval_ms, sampling)
+    ours = orch_phase(slots, orch_threads, plan, args.stream_interval_ms, sampling, args.prefill_chunk)
     notes = [f"SmolLM2-135M-Instruct Q4_1 GGUF; llama-server -np {slots} -t {args.threads} -c {slots * CTX}; the "
              f"orchestrator's pool: {slots} slots, batching, {orch_threads} threads, ctx {CTX}"
+             + ("" if args.prefill_chunk is None else f", prefill_chunk {args.prefill_chunk}")
              + ("." if args.stream_interval_ms is None else f"; stream_interval_ms {args.stream_interval_ms}."),
              sampling_note(sampling)]
     if args.no_peer:
@@ -110,6 +114,7 @@ def main() -> int:
         notes.append(f"llama-server: not built here ({BUILD_SCRIPT.relative_to(ROOT)} builds it), so no ratios.")
     return report("Orchestrator vs llama-server", LLAMA_SERVER, compare(plan, LLAMA_SERVER, peer, ours), notes,
                   args.json, {"slots": slots, "threads": args.threads, "orch_threads": orch_threads,
+                              "prefill_chunk": args.prefill_chunk,
                               "sampling": sampling or "server defaults"})
 
 

@@ -7,6 +7,11 @@ import json
 from typing import Any, Iterable
 
 KEEPALIVE = ": keepalive\n\n"
+#: What an OpenAI stream sends while it waits: a blank line, which an SSE parser ignores (no
+#: event to dispatch). Not a comment: OpenAI-compatible clients in use (vLLM's benchmark
+#: client among them) strip each network read and split messages on blank lines, so a
+#: comment read on its own loses its separator and glues itself to every message after it.
+OPENAI_KEEPALIVE = "\n"
 #: The last line of an OpenAI stream.
 DONE = "data: [DONE]\n\n"
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode

@@ -290,7 +290,7 @@ async def relay(service: TaskService, streams: Sequence[TaskStream], chunks: Chu
             yield opening
         async for index, batch in merged(streams):
             if not batch:
-                yield sse.KEEPALIVE
+                yield sse.OPENAI_KEEPALIVE
                 continue
             pieces, terminal = split(batch)
             out = chunks.pieces(index, pieces) if pieces else ""
