@@ -33,12 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     HOST,
     RawHttp,
+    add_serve_env_arg,
     asgi_call,
     banner,
     bounded_load,
     find_direct_ingress_port,
     fmt_ratio,
     in_process_ingress,
+    ingress_path,
     log,
     mock_pool,
     orchestrator,
@@ -47,6 +49,7 @@ from bench.common import (  # noqa: E402
     print_table,
     profiled,
     ratio,
+    serve_env,
     serve_pids,
     summary,
     write_json,
@@ -132,12 +135,10 @@ def main() -> int:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--direct-ingress", action="store_true",
                    help="Serve's experimental direct ingress (replica serves HTTP, no proxy)")
-    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="an environment variable for Ray/Serve (repeatable), e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
+    add_serve_env_arg(p)
     args = p.parse_args()
-    env = dict(item.split("=", 1) for item in args.serve_env)
-    path_name = "direct ingress" if args.direct_ingress else (
-        "Serve env " + " ".join(args.serve_env) if env else "through the Serve proxy")
+    env = serve_env(args)
+    path_name = ingress_path(args)
     banner("admission" + (f" ({path_name})" if args.direct_ingress or env else ""), args.quick)
     concurrency = args.concurrency or (16 if args.quick else 32)
     seconds = args.seconds or (1.5 if args.quick else 8.0)

@@ -53,6 +53,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_serve_env_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for Ray/Serve (repeatable), e.g. RAY_SERVE_ENABLE_HA_PROXY=1")
+
+
+def serve_env(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--serve-env`` variables, for ``orchestrator(ray_env=...)``."""
+    return dict(item.split("=", 1) for item in args.serve_env)
+
+
+def ingress_path(args: argparse.Namespace) -> str:
+    """How requests reach the ingress in this run, for the report's titles."""
+    if args.direct_ingress:
+        return "direct ingress"
+    return "Serve env " + " ".join(args.serve_env) if args.serve_env else "through the Serve proxy"
+
+
 def write_json(path: Optional[str], payload: Any) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, default=str))

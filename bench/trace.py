@@ -34,13 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     HOST,
     RawHttp,
+    add_serve_env_arg,
     banner,
     find_direct_ingress_port,
+    ingress_path,
     log,
     mock_pool,
     orchestrator,
     parser,
     print_table,
+    serve_env,
     smollm2_pool,
     summary,
     write_json,
@@ -217,8 +220,7 @@ def main() -> int:
     p.add_argument("--unbatched", action="store_true",
                    help="llama.cpp without continuous batching (engine_options batching: false)")
     p.add_argument("--direct-ingress", action="store_true", help="Serve's direct ingress (no proxy process)")
-    p.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="an environment variable for Ray/Serve (repeatable), e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
+    add_serve_env_arg(p)
     p.add_argument("--slots", type=int, default=1, help="the SmolLM2 pool's slots (8: the home profile's batch)")
     p.add_argument("--threads", type=int, default=1, help="the SmolLM2 pool's llama.cpp threads")
     args = p.parse_args()
@@ -227,7 +229,7 @@ def main() -> int:
     requests = args.requests or (4 if args.quick else 40)
     max_tokens = args.max_tokens or (4 if args.quick else 16)
     routes = [r for r in args.routes.split(",") if r]
-    env = dict(item.split("=", 1) for item in args.serve_env)
+    env = serve_env(args)
     if args.mock:
         pools = [mock_pool("traced", slots=1, capacity=256, tokens_per_s=200, first_token_ms=args.mock_ttft_ms)]
         model = "mock-model"
@@ -258,7 +260,7 @@ def main() -> int:
     engine = "mock engine" if args.mock else (
         "SmolLM2-135M Q4_1, llama.cpp" + (" unbatched" if args.unbatched else "")
         + f", {args.slots} slot(s), {args.threads} thread(s)")
-    mode = "direct ingress" if args.direct_ingress else ("Serve env " + " ".join(args.serve_env) if env else "Serve proxy")
+    mode = ingress_path(args)
     for run in runs:
         print_table(f"Hops of the first token, {run.route}, concurrency {run.concurrency} ({engine}, {mode}, ms)",
                     ["hop", "n", "p50", "p99"], hop_rows(run),
